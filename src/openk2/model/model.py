@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.model.config import ModelConfig
+from openk2.model.loss import linear_cross_entropy
 
 
 @dataclass
@@ -139,7 +140,11 @@ class MultiHeadLatentAttention(nn.Module):
         if self.record_max_logits:
             y = self._attend_recording(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            # fused (flash) kernels need one head dim for q, k and v: pad v with zeros, drop them after
+            pad = q.shape[-1] - self.d_v
+            y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
+                                               scale=self.softmax_scale)
+            y = y[..., : self.d_v] if pad > 0 else y
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
     def _attend_recording(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -241,11 +246,13 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         xs = x[order // k]  # (N*k, H) grouped by expert
+        # unbind, not indexing: the backward of E index ops would write E full-size zero gradients
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, chunk in enumerate(xs.split(counts)):
             if counts[e]:
-                h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
-                outs.append(h @ self.down_proj[e].T)
+                h = F.silu(chunk @ gate[e].T) * (chunk @ up[e].T)
+                outs.append(h @ down[e].T)
         ys = torch.cat(outs)
         y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, -1)  # back to (token, choice) order
         return torch.bmm(weights.unsqueeze(1), y).squeeze(1)  # weighted sum over the k choices
@@ -364,14 +371,13 @@ class K2ForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         self._check_ids(input_ids)
         hidden, aux = self.model(input_ids, position_ids)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
-            if aux is not None:
-                loss = loss + aux
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden))
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        logits, loss = linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        if aux is not None:
+            loss = loss + aux
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

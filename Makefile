@@ -1,0 +1,37 @@
+# Set-up and the two README commands. Only python3 and pip are needed.
+#   make demo   - create .venv, install, run the main job
+#   make test   - create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+# Where torch comes from. Empty: pip's configured index. On a machine without CUDA whose index
+# would hand out the multi-GB CUDA build, point this at PyTorch's CPU wheel index (see README).
+TORCH_INDEX ?=
+STAMP := $(VENV)/.openk2-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first, pinned, so that nothing below can pull an unpinned (CUDA) build
+	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/openk2 demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,61 @@
+"""Training tokens/s of openk2's K2ForCausalLM vs transformers' DeepseekV3ForCausalLM on the same config.
+
+forward + backward + AdamW step, fp32, the same weights (loaded from one hub-layout checkpoint) and
+the same batches; the two models alternate step by step so that machine noise hits both alike.
+Prints the ratio. Usage: python benchmarks/train_throughput.py [--preset tiny] [--steps 20]
+"""
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from openk2 import K2ForCausalLM, preset
+from openk2.device import tune_cpu_allocator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's malloc defaults")
+    args = ap.parse_args()
+
+    from transformers import DeepseekV3ForCausalLM
+
+    if not args.no_tune_allocator:
+        tune_cpu_allocator()  # process-wide: both models get it, as a user of either would
+    torch.manual_seed(0)
+    config = preset(args.preset)
+    ours = K2ForCausalLM(config).train()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+    models = {"openk2": ours, "transformers": theirs}
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+        for name, model in models.items():
+            start = time.perf_counter()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optims[name].step()
+            optims[name].zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    tokens = args.batch * args.seq
+    tps = {k: tokens * len(v) / sum(v) for k, v in times.items()}
+    print(f"preset={args.preset} batch={args.batch}x{args.seq} steps={args.steps} threads={torch.get_num_threads()} "
+          f"allocator_tuned={not args.no_tune_allocator}")
+    for k, v in tps.items():
+        print(f"{k:>13}: {v:9.0f} tokens/s")
+    print(f"ratio openk2/transformers: {tps['openk2'] / tps['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
