@@ -15,6 +15,12 @@ from openk2 import K2ForCausalLM, preset
 from openk2.device import tune_cpu_allocator
 
 
+def train_step(model, optim, ids) -> None:
+    model(ids, labels=ids).loss.backward()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -42,10 +48,7 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
         for name, model in models.items():
             start = time.perf_counter()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optims[name].step()
-            optims[name].zero_grad(set_to_none=True)
+            train_step(model, optims[name], ids)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     tokens = args.batch * args.seq
@@ -53,7 +56,7 @@ def main() -> None:
     print(f"preset={args.preset} batch={args.batch}x{args.seq} steps={args.steps} threads={torch.get_num_threads()} "
           f"allocator_tuned={not args.no_tune_allocator}")
     for k, v in tps.items():
-        print(f"{k:>13}: {v:9.0f} tokens/s")
+        print(f"{k:>13}: {v:9.0f} tokens/s  ({1000 * tokens / v:5.0f} ms/step)")
     print(f"ratio openk2/transformers: {tps['openk2'] / tps['transformers']:.2f}x")
 
 
