@@ -43,9 +43,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from openk2.train.pretrain import load_pretrain_config, pretrain, resume_config
+
+    cfg = resume_config(args.resume, args.set) if args.resume else load_pretrain_config(args.config, args.set)
+    summary = pretrain(cfg, resume=args.resume)
+    if summary.get("stopped"):
+        return 130
+    if summary.get("plots") is not None:
+        val = f"{summary['val_loss']:.4f}" if summary.get("val_loss") is not None else "n/a"
+        logit = f"{summary['max_logit']:.1f}" if summary.get("max_logit") is not None else "n/a"
+        print(f"done: {summary['step']} steps, {summary['tokens_seen']:,} tokens seen, val loss {val}, "
+              f"max attention logit {logit}")
+        print(f"run folder: {summary['run_dir']}  (plots: {summary['run_dir']}/plots/)")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from openk2.train.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openk2", description="The Kimi K2 recipe as software.")
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("pretrain", help="pretrain a model (paper §2); no CONFIG = the tiny default demo")
+    p.add_argument("config", nargs="?", help="TOML config (defaults: openk2.train.config.PretrainConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its latest checkpoint")
+    p.set_defaults(func=_pretrain)
+
+    p = verbs.add_parser("plot", help="(re)draw a run folder's plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_plot)
+
     demo = verbs.add_parser("demo", help="train a preset a few steps on random tokens and print the loss")
     demo.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     demo.add_argument("--steps", type=int, default=30)
@@ -58,8 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from openk2.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # bad input: one clear line (and the run folder's error log when one is named), no traceback
+        print(f"openk2 {args.verb}: error: {e}", file=sys.stderr)
+        _log_error(args, e)
+        return 2
+
+
+def _log_error(args: argparse.Namespace, error: Exception) -> None:
+    run_dir = getattr(args, "resume", None)
+    if run_dir is None and getattr(args, "verb", None) == "pretrain":
+        try:
+            from openk2.train.pretrain import load_pretrain_config
+
+            run_dir = load_pretrain_config(args.config, args.set).run_dir
+        except Exception:  # the config itself is what is broken
+            return
+    if run_dir:
+        from pathlib import Path
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(run_dir) / "error.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n{type(error).__name__}: {error}\n")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
 
 
-def hub_tensors(model: K2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hub key, tensor) for every weight of the model, in module order; experts split per expert."""
-    for name, tensor in model.state_dict().items():
+def hub_tensors(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hub key, tensor) for every weight of a model state dict, in order; experts split per expert."""
+    for name, tensor in state.items():
         m = _EXPERTS.match(name)
         if m is None:
             yield name, tensor
@@ -47,18 +47,24 @@ def hub_tensors(model: K2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 def hub_shapes(model: K2ForCausalLM) -> dict[str, tuple[int, ...]]:
     """Expected hub key -> shape (works on a meta-device model)."""
-    return {k: tuple(t.shape) for k, t in hub_tensors(model)}
+    return {k: tuple(t.shape) for k, t in hub_tensors(model.state_dict())}
 
 
 def save_pretrained(model: K2ForCausalLM, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write the folder atomically: everything goes to a sibling temp folder that replaces `path` at the end."""
+    save_state(model.config, model.state_dict(), path, max_shard_bytes)
+
+
+def save_state(config: ModelConfig, state: dict[str, torch.Tensor], path: str | os.PathLike,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a model state dict in the hub layout, atomically: everything goes to a sibling temp
+    folder that replaces `path` at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         shards: list[list[tuple[str, torch.Tensor]]] = [[]]
         size = 0
-        for key, t in hub_tensors(model):
+        for key, t in hub_tensors(state):
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
@@ -77,9 +83,10 @@ def save_pretrained(model: K2ForCausalLM, path: str | os.PathLike, max_shard_byt
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        config = model.config.to_hf(complete=True)
-        config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        hf_config = config.to_hf(complete=True)
+        hf_config["torch_dtype"] = str(next(t for k, t in state.items() if k.endswith("embed_tokens.weight")).dtype
+                                       ).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Training: pretraining loop, run folders, checkpoints, data parallelism (paper §2)."""

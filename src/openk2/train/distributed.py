@@ -1,0 +1,102 @@
+"""Data parallelism from outside the model (house rule 2): FSDP2 under `torchrun`, a no-op otherwise.
+
+`torchrun --nproc_per_node N -m openk2 pretrain CONFIG` gives each rank a slice of every global
+batch; parameters are sharded with `fully_shard` (one unit per decoder layer plus the root), and
+checkpoints gather full tensors so that they stay in the hub layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """Read torchrun's environment; initialise the process group when there is more than one rank."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not torch_dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch_dist.init_process_group(backend)
+        return cls(rank=rank, world_size=world, local_rank=local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, name: str = "auto") -> torch.device:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a global batch (B must divide by the world size)."""
+        if not self.enabled:
+            return batch
+        if batch.shape[0] % self.world_size:
+            raise ValueError(f"global batch of {batch.shape[0]} sequences does not split over {self.world_size} ranks")
+        n = batch.shape[0] // self.world_size
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.AVG if value.is_cuda else torch_dist.ReduceOp.SUM)
+            if not value.is_cuda:  # gloo has no AVG
+                value /= self.world_size
+        return value
+
+    # ------------------------------------------------------------------------- FSDP2
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model  # fully_shard keeps the module class and its methods
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Full (unsharded) CPU state dict on rank 0 when sharded; None means "use the module as is"."""
+        if not self.enabled:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()

@@ -1,0 +1,327 @@
+"""The pretraining loop (paper §2.1–2.4): WSD schedule, gradient accumulation, clipping, MuonClip or
+AdamW, aux-loss-free expert balance, validation, anomaly handling, atomic checkpoints and bit-exact resume.
+
+`pretrain(config)` is a short sequence of named steps; each piece lives in its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from openk2.config import load_config
+from openk2.device import autocast_dtype, default_device, tune_cpu_allocator
+from openk2.model import K2ForCausalLM, ModelConfig, preset
+from openk2.optim.schedule import lr_multiplier
+from openk2.train import checkpoint as ckpt
+from openk2.train.config import PretrainConfig
+from openk2.train.data import PretrainData, prepare_pretrain_data
+from openk2.train.distributed import Distributed
+from openk2.train.plots import plot_run
+from openk2.train.run import RunDir
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    overrides = dict(cfg.model.overrides)
+    model_config = preset(cfg.model.preset).replace(**overrides)
+    if model_config.vocab_size != vocab_size:
+        if "vocab_size" in overrides:
+            raise ValueError(f"model vocab_size {model_config.vocab_size} differs from the tokenizer's {vocab_size}")
+        model_config = model_config.replace(vocab_size=vocab_size)
+    return model_config
+
+
+def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "muonclip":
+        from openk2.optim import MuonClip
+
+        return MuonClip(model, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                        qk_clip_tau=o.qk_clip_tau, adamw_lr=o.adamw_lr, adamw_betas=tuple(o.betas))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * multiplier
+    return optimizer.param_groups[0]["lr"]
+
+
+class AnomalyGuard:
+    """Flags a non-finite loss or a spike above `factor` × the running mean (EMA) of past losses."""
+
+    def __init__(self, factor: float, warmup: int = 10, decay: float = 0.95):
+        self.factor, self.warmup, self.decay = factor, warmup, decay
+        self.mean, self.count = 0.0, 0
+
+    def check(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        if self.count >= self.warmup and loss > self.factor * self.mean:
+            return f"loss spike {loss:.3f} > {self.factor:g} x running mean {self.mean:.3f}"
+        return None
+
+    def update(self, loss: float) -> None:
+        self.mean = loss if self.count == 0 else self.decay * self.mean + (1 - self.decay) * loss
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.count = state["mean"], state["count"]
+
+
+class StopRequested:
+    """SIGINT / SIGTERM ask the loop to save and exit after the current step (a second SIGINT kills)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame):
+        if self.signal == signal.SIGINT and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = sig
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device, dist: Distributed) -> float:
+    model.eval()
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        local = dist.local_rows(batch).to(device)
+        with _autocast(device):
+            total += model(local, labels=local).loss.float()
+    model.train()
+    return dist.mean(total).item() / max(1, len(batches))
+
+
+def _autocast(device: torch.device):
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    anomaly: str | None
+
+
+def train_step(model, optimizer, batch: torch.Tensor, cfg: PretrainConfig, device: torch.device,
+               dist: Distributed, guard: AnomalyGuard) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches of this rank's rows of the global batch."""
+    local = dist.local_rows(batch)
+    micro = local.shape[0] // cfg.train.grad_accum
+    total = torch.zeros((), device=device)
+    for i in range(cfg.train.grad_accum):
+        mb = local[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+        with _autocast(device):
+            loss = model(mb, labels=mb).loss / cfg.train.grad_accum
+        loss.backward()
+        total += loss.detach().float()
+    loss_value = dist.mean(total).item()
+    anomaly = guard.check(loss_value)
+    grad_norm = float("nan")
+    if anomaly is None:
+        if cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        if not math.isfinite(grad_norm):
+            anomaly = "non-finite gradient norm"
+    if anomaly is None:
+        optimizer.step()
+        guard.update(loss_value)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, grad_norm, anomaly)
+
+
+def max_logit_monitor(cfg: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Who records S_max: MuonClip itself, or (for AdamW) a log-only QK-Clip so every run reports it."""
+    if hasattr(optimizer, "clip_stats"):
+        return None
+    from openk2.optim import QKClip, find_clip_targets
+
+    return QKClip(find_clip_targets(model), tau=None)
+
+
+def telemetry(optimizer: torch.optim.Optimizer, monitor, tau: float | None) -> dict[str, Any]:
+    """Per-layer max attention logit and the clipped-head fractions of this step (paper Fig. 2)."""
+    stats = monitor.apply() if monitor is not None else optimizer.clip_stats
+    if stats is None:
+        return {}
+    return {"max_logit": [round(float(m.max()), 4) for m in stats.max_logits], "qk_clip_tau": tau,
+            "clipped_fraction": stats.clipped_fraction, "ever_clipped_fraction": stats.ever_clipped_fraction,
+            "min_gamma": stats.min_gamma}
+
+
+def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train a model from the config; with `resume`, continue the run folder's latest checkpoint."""
+    dist = Distributed.from_env()
+    device = dist.device(cfg.train.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    run = RunDir(cfg.run_dir)
+    data: PretrainData = prepare_pretrain_data(cfg.data, seed=cfg.train.seed, dist=dist)
+
+    torch.manual_seed(cfg.train.seed)
+    model_config = build_model_config(cfg, data.vocab_size)
+    start_step, state = 0, None
+    if resume is not None:
+        checkpoint = ckpt.latest_checkpoint(run.checkpoints)
+        if checkpoint is not None:
+            state = ckpt.load_trainer_state(checkpoint)
+            model = ckpt.load_model(checkpoint, device=device)
+            start_step = state["step"]
+    if state is None:
+        model = K2ForCausalLM(model_config).to(device)
+    model.train()
+    model = dist.parallelize(model)
+    optimizer = build_optimizer(cfg, model)
+    guard = AnomalyGuard(cfg.train.spike_factor)
+    monitor = max_logit_monitor(cfg, model, optimizer)
+    batches = data.train_batches(cfg.train.batch_size, cfg.data.seq_len)
+    val = data.val_batches(cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
+    tokens_seen = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        guard.load_state_dict(state["guard"])
+        tokens_seen = state["tokens_seen"]
+        ckpt.set_rng_states(state["rng"])
+        if dist.is_main:
+            run.truncate_metrics(start_step)
+    elif dist.is_main:
+        run.create(cfg, device)
+    if dist.is_main:
+        print(f"openk2 pretrain: {model_config.num_parameters() / 1e6:.1f}M parameters "
+              f"({model_config.num_parameters(active=True) / 1e6:.1f}M active), {cfg.optim.name}, device {device}"
+              f"{f', {dist.world_size} ranks' if dist.world_size > 1 else ''}; run folder {run.path}"
+              + (f"; resumed at step {start_step}" if start_step else ""))
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {"step": step, "optimizer": dist.optimizer_state(model, optimizer), "data": batches.state_dict(),
+                "guard": guard.state_dict(), "tokens_seen": tokens_seen, "rng": ckpt.rng_states()}
+
+    def save(step: int) -> Path | None:
+        state_ = trainer_state(step)
+        full = dist.full_model_state(model)
+        if dist.is_main:
+            return ckpt.save_checkpoint(run.checkpoints, step, dist.unwrap(model), state_,
+                                        keep=cfg.train.keep_checkpoints, model_state=full)
+        return None
+
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    val_loss = None
+    step = start_step
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", unit="step", disable=not dist.is_main,
+               dynamic_ncols=True)
+    with StopRequested() as stop:
+        while step < cfg.train.steps:
+            lr = set_lr(optimizer, lr_multiplier(step, cfg.train.steps, cfg.schedule.kind, cfg.schedule.warmup_steps,
+                                                 cfg.schedule.decay_fraction, cfg.schedule.min_lr_ratio))
+            batch = next(batches)
+            t0 = time.perf_counter()
+            result = train_step(model, optimizer, batch, cfg, device, dist, guard)
+            balance = dist.unwrap(model).update_expert_bias(gamma=cfg.optim.expert_bias_update)
+            elapsed = time.perf_counter() - t0
+            if result.anomaly is not None:
+                action = cfg.train.on_anomaly
+                if dist.is_main:
+                    run.log({"kind": "anomaly", "step": step + 1, "reason": result.anomaly, "action": action})
+                    tqdm.write(f"step {step + 1}: {result.anomaly} -> {action}")
+                if action == "stop":
+                    save(step)
+                    raise RuntimeError(f"stopped at step {step + 1}: {result.anomaly} (train.on_anomaly = 'stop')")
+                if action == "rollback":
+                    last = ckpt.latest_checkpoint(run.checkpoints)
+                    if last is not None:
+                        back = ckpt.load_trainer_state(last)
+                        dist.load_model_state(model, ckpt.load_model(last).state_dict())
+                        optimizer.load_state_dict(back["optimizer"])
+                        guard.load_state_dict(back["guard"])
+                        step = back["step"]  # the data cursor goes on: the bad batch is skipped
+                        bar.n = step
+                        continue
+                step += 1  # skip: the batch is consumed, the weights are untouched
+                bar.update(1)
+                continue
+            step += 1
+            tokens_seen += tokens_per_step
+            record = {"kind": "train", "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / elapsed,
+                      "expert_load_max_over_mean": balance["load_max_over_mean"],
+                      **telemetry(optimizer, monitor, cfg.optim.qk_clip_tau if cfg.optim.name == "muonclip" else None)}
+            if dist.is_main:
+                run.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}",
+                            **({"max_logit": f"{max(record['max_logit']):.1f}"} if record.get("max_logit") else {}))
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                val_loss = evaluate(model, val, device, dist)
+                if dist.is_main:
+                    run.log({"kind": "val", "step": step, "val_loss": val_loss, "tokens": tokens_seen})
+                    tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                save(step)
+            if stop.signal is not None:
+                save(step)
+                if dist.is_main:
+                    bar.close()
+                    print(f"\nstopped by signal {signal.Signals(stop.signal).name} at step {step}; checkpoint saved. "
+                          f"Resume: openk2 pretrain --resume {run.path}")
+                run.close()
+                return {"stopped": True, "step": step}
+    bar.close()
+    run.close()
+    summary = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "run_dir": str(run.path)}
+    if dist.is_main:
+        last = [r for r in _read_train_records(run) if r.get("max_logit")]
+        summary["max_logit"] = max(last[-1]["max_logit"]) if last else None
+        summary["plots"] = [str(p) for p in plot_run(run.path)]
+    return summary
+
+
+def _read_train_records(run: RunDir) -> list[dict[str, Any]]:
+    from openk2.train.run import read_metrics
+
+    return [r for r in read_metrics(run.path) if r.get("kind") == "train"]
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
+    return load_config(PretrainConfig, path, overrides)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> PretrainConfig:
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    return load_config(PretrainConfig, path, [f'run_dir="{Path(run_dir)}"', *overrides])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: openk2 pretrain CONFIG.toml")

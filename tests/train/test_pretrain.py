@@ -1,0 +1,103 @@
+import json
+import signal
+import time
+
+import pytest
+
+from openk2.train.run import read_metrics
+from tests.train.conftest import micro_overrides, openk2_cli, sets
+
+
+def run_to_end(*args: str) -> str:
+    proc = openk2_cli(*args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def wait_for_step(run_dir, step: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"run did not reach step {step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["muonclip", "adamw"])
+def test_sigkill_then_resume_reproduces_losses_bit_exactly(tmp_path, corpus, optim):
+    cache = tmp_path / "cache"
+    ref_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    extra = {"optim.name": f'"{optim}"'} | ({"optim.lr": "0.003"} if optim == "adamw" else {})
+    run_to_end("pretrain", *sets(micro_overrides(corpus, cache, ref_dir, **extra)))
+    reference = losses(ref_dir)
+    assert sorted(reference) == list(range(1, 17))
+
+    proc = openk2_cli("pretrain", *sets(micro_overrides(corpus, cache, killed_dir, **extra)))
+    wait_for_step(killed_dir, 10, proc)  # past the step-8 checkpoint, mid-way to the next
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(killed_dir)) < 16
+    run_to_end("pretrain", "--resume", str(killed_dir))
+    resumed = losses(killed_dir)
+    assert resumed == reference  # every step, bit for bit (JSON floats round-trip exactly)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    proc = openk2_cli("pretrain", *sets(micro_overrides(corpus, tmp_path / "cache", run_dir,
+                                                        **{"train.steps": "400", "train.checkpoint_every": "1000"})))
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert step == max(losses(run_dir)) and step < 400
+    assert "Resume: openk2 pretrain --resume" in out
+
+
+def test_run_folder_has_config_env_metrics_plots(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    out = run_to_end("pretrain", *sets(micro_overrides(corpus, tmp_path / "cache", run_dir, **{"train.steps": "8"})))
+    assert "done: 8 steps" in out and "val loss" in out
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "max_logit", "clipped_fraction", "expert_load_max_over_mean"):
+        assert key in train[-1], key
+    assert len(train[-1]["max_logit"]) == 2  # one per layer
+    assert [r["step"] for r in records if r["kind"] == "val"] == [8]
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "max_logit.png", "expert_balance.png"}
+    assert "[train]" in (run_dir / "config.toml").read_text()
+    assert json.loads((run_dir / "env.json").read_text())["torch"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz"),
+        ('data.corpus=["/nonexistent/corpus"]', "/nonexistent/corpus"),
+        ("EMPTY", "empty corpus"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_only_an_error_log(tmp_path, corpus, override, message):
+    run_dir = tmp_path / "run"
+    overrides = micro_overrides(corpus, tmp_path / "cache", run_dir)
+    if override == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        override = f'data.corpus=["{tmp_path / "empty"}"]'
+    proc = openk2_cli("pretrain", *sets([*overrides, override]))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    if run_dir.exists():
+        assert [p.name for p in run_dir.iterdir()] == ["error.log"]
