@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/openk2 demo
+	$(BIN)/openk2 pretrain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,4 +1,4 @@
-"""MuonClip's cost on CPU: optimizer step (Muon + AdamW + QK-Clip) vs forward + backward, and the S_max recording overhead.
+"""MuonClip on CPU: optimizer step (Muon + AdamW + QK-Clip) vs forward + backward, and S_max recording overhead.
 
 Per iteration, side by side on the same batch: forward + backward with recording off (SDPA) and on
 (eager attention that keeps each head's max logit), in alternating order, then `MuonClip.step()` with
@@ -59,7 +59,7 @@ def main() -> None:
         t = {}
         for record in (it % 2 == 0, it % 2 == 1):  # alternate which goes first, so that drift hits both
             opt.zero_grad(set_to_none=True)
-            t["fwd+bwd recording" if record else "fwd+bwd"] = timed(lambda: fwd_bwd(ids, record))
+            t["fwd+bwd recording" if record else "fwd+bwd"] = timed(lambda r=record, x=ids: fwd_bwd(x, r))
         t["step fp32 NS"] = timed(lambda: step(torch.float32))  # the gradients (same either pass) and S_max
         t["step bf16 NS"] = timed(lambda: step(torch.bfloat16))  # same gradients again: the same Muon work
         opt.zero_grad(set_to_none=True)

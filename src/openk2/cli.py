@@ -7,42 +7,6 @@ import sys
 import time
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """A few training steps of a preset on random tokens, printing the loss (the foundation smoke run)."""
-    import torch
-    from tqdm import tqdm
-
-    from openk2 import K2ForCausalLM, preset
-    from openk2.device import default_device, tune_cpu_allocator
-
-    tune_cpu_allocator()
-    torch.manual_seed(args.seed)
-    device = default_device()
-    config = preset(args.preset)
-    model = K2ForCausalLM(config).to(device).train()
-    print(f"openk2 demo: preset {args.preset!r}, {config.num_parameters() / 1e6:.1f}M parameters "
-          f"({config.num_parameters(active=True) / 1e6:.1f}M active per token), device {device}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    # a fixed pool of random sequences: the loss falls as the model memorises it
-    data = torch.randint(0, config.vocab_size, (args.batch * 4, args.seq_len), device=device)
-    start, first = time.perf_counter(), None
-    bar = tqdm(range(args.steps), desc="train", unit="step")
-    for step in bar:
-        batch = data[(step % 4) * args.batch:(step % 4 + 1) * args.batch]
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        balance = model.update_expert_bias(gamma=1e-3)
-        first = loss.item() if first is None else first
-        bar.set_postfix(loss=f"{loss.item():.3f}", load_max_mean=f"{balance['load_max_over_mean_avg']:.2f}")
-    elapsed = time.perf_counter() - start
-    tokens = args.steps * args.batch * args.seq_len
-    print(f"loss {first:.3f} -> {loss.item():.3f} over {args.steps} steps; "
-          f"{tokens / elapsed:.0f} tokens/s on random tokens")
-    return 0
-
-
 def _pretrain(args: argparse.Namespace) -> int:
     from openk2.train.pretrain import load_pretrain_config, pretrain, resume_config
 
@@ -67,6 +31,27 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from openk2.data import prepare_default_corpus
+
+    manifest = prepare_default_corpus(args.out, force=args.force)
+    print(f"default corpus in {args.out}: {manifest['documents']} documents, {manifest['bytes'] / 1e6:.1f} MB "
+          f"from {', '.join(manifest['sources'])}")
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from openk2.data import iter_documents, prepare_default_corpus, train_tokenizer
+
+    paths = args.corpus
+    if not paths:
+        prepare_default_corpus(args.default_corpus)
+        paths = [args.default_corpus]
+    tokenizer = train_tokenizer(iter_documents(paths), args.vocab_size, args.out)
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openk2", description="The Kimi K2 recipe as software.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -77,18 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its latest checkpoint")
     p.set_defaults(func=_pretrain)
 
+    p = verbs.add_parser("data", help="corpora")
+    data_verbs = p.add_subparsers(dest="data_verb", required=True)
+    p = data_verbs.add_parser("prepare", help="build the default corpus offline (stdlib + Python/Linux docs)")
+    p.add_argument("--out", default="data/corpus")
+    p.add_argument("--force", action="store_true", help="rebuild even when present")
+    p.set_defaults(func=_data_prepare)
+
+    p = verbs.add_parser("tokenizer", help="tokenizers")
+    tok_verbs = p.add_subparsers(dest="tokenizer_verb", required=True)
+    p = tok_verbs.add_parser("train", help="train a byte-level BPE with K2's special tokens")
+    p.add_argument("corpus", nargs="*", help="files or folders (.txt .md .jsonl .parquet); none = default corpus")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True)
+    p.add_argument("--default-corpus", default="data/corpus", help=argparse.SUPPRESS)
+    p.set_defaults(func=_tokenizer_train)
+
     p = verbs.add_parser("plot", help="(re)draw a run folder's plots")
     p.add_argument("run_dir")
     p.set_defaults(func=_plot)
 
-    demo = verbs.add_parser("demo", help="train a preset a few steps on random tokens and print the loss")
-    demo.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
     return parser
 
 
@@ -114,7 +107,7 @@ def _log_error(args: argparse.Namespace, error: Exception) -> None:
             run_dir = load_pretrain_config(args.config, args.set).run_dir
         except Exception:  # the config itself is what is broken
             return
-    if run_dir:
+    if run_dir and "{time}" not in run_dir:
         from pathlib import Path
 
         Path(run_dir).mkdir(parents=True, exist_ok=True)

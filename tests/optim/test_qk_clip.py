@@ -84,14 +84,15 @@ def layer_inputs(model, ids):
     return captured
 
 
-@torch.no_grad()
 def s_max_on(inputs):
-    """(L, H) S_max of each attention module on its captured inputs, through the modules' own recording."""
+    """(L, H) S_max of each attention module on its captured inputs, through the modules' own recording
+    (with grad enabled, as in training: a module may skip recording in no-grad evaluation forwards)."""
     out = []
     for module, args in inputs:
         module.record_max_logits = True
         module.reset_max_logits()
-        module(*args)
+        with torch.enable_grad():
+            module(*args)
         out.append(module.max_logits.clone())
         module.reset_max_logits()
     return torch.stack(out)
@@ -196,7 +197,8 @@ def test_mha_gqa_clip_is_exact(kv_heads, bias):
             group_max = before[layer, g].max()
             if group_max <= TAU:  # a group with no head over τ: bit-identical
                 assert torch.equal(after[layer, h], before[layer, h])
-                assert torch.equal(q_rows(model.layers[layer])[h], w0[f"layers.{layer}.q_proj.weight"].view(4, 16, -1)[h])
+                q0 = w0[f"layers.{layer}.q_proj.weight"].view(4, 16, -1)[h]
+                assert torch.equal(q_rows(model.layers[layer])[h], q0)
                 k0 = w0[f"layers.{layer}.k_proj.weight"].view(kv_heads, 16, -1)[h // group]
                 assert torch.equal(model.layers[layer].k_proj.weight.view(kv_heads, 16, -1)[h // group], k0)
             else:  # every head of a clipped group is scaled by the group's γ; its max lands on τ

@@ -137,7 +137,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # (B, nh, T, d_qk)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, nh, T, d_v)
-        if self.record_max_logits:
+        if self.record_max_logits and torch.is_grad_enabled():  # S_max of training forwards only
             y = self._attend_recording(q, k, v)
         else:
             # fused (flash) kernels need one head dim for q, k and v: pad v with zeros, drop them after

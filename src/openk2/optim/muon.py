@@ -12,6 +12,7 @@ orthogonalised on its own, all of them in one batched call. The functional `muon
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -21,7 +22,7 @@ NS_CHUNK_ELEMENTS = 1 << 22  # matrices per batched NS call: as many as fit in t
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (exact enough to test against fp64), bf16 on accelerators (as Keller Jordan and Moonlight run it)."""
+    """fp32 on CPU (exact enough to test against fp64); bf16 on accelerators, as Keller Jordan and Moonlight run it."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
@@ -107,8 +108,8 @@ class Muon(Optimizer):
         ns_dtype: torch.dtype | None = None,
     ):
         check_muon_hyperparameters(lr, momentum, weight_decay, ns_steps, ns_coefficients, eps)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_dtype=ns_dtype)
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                    "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients), "eps": eps, "ns_dtype": ns_dtype}
         super().__init__(params, defaults)
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):

@@ -33,9 +33,7 @@ def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], 
             continue
         if id(p) in vocab_params or p.ndim < 2:
             adam.append((name, p))
-        elif p.ndim == 2:
-            muon.append((name, p))
-        elif p.ndim == 3 and name.rpartition(".")[0].endswith("experts"):  # one (out, in) matrix per expert
+        elif p.ndim == 2 or (p.ndim == 3 and name.rpartition(".")[0].endswith("experts")):  # 3-D: (E, out, in)
             muon.append((name, p))
         else:
             raise ValueError(f"MuonClip cannot place parameter {name!r} of shape {tuple(p.shape)}: Muon takes 2-D "
@@ -86,10 +84,11 @@ class MuonClip(Optimizer):
         targets = find_clip_targets(model)
         muon, adam = split_parameters(model)
         groups = [
-            dict(params=muon, use_muon=True, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                 ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_dtype=ns_dtype),
-            dict(params=adam, use_muon=False, lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps,
-                 weight_decay=adamw_weight_decay, fused=fusable(p for _, p in adam)),
+            {"params": muon, "use_muon": True, "lr": lr, "momentum": momentum, "nesterov": nesterov,
+             "weight_decay": weight_decay, "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients),
+             "eps": eps, "ns_dtype": ns_dtype},
+            {"params": adam, "use_muon": False, "lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps,
+             "weight_decay": adamw_weight_decay, "fused": fusable(p for _, p in adam)},
         ]
         super().__init__([g for g in groups if g["params"]], {})
         self.qk_clip = QKClip(targets, qk_clip_tau)  # last: it switches recording on, once nothing can fail

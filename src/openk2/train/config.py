@@ -65,7 +65,7 @@ class TrainSection:
 
 @dataclass
 class PretrainConfig:
-    run_dir: str = "runs/pretrain"
+    run_dir: str = "runs/pretrain-{time}"  # {time} becomes the start time, YYYYmmdd-HHMMSS
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)

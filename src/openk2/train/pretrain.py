@@ -185,6 +185,11 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
     device = dist.device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
+    if resume is None:
+        cfg.run_dir = cfg.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+        if (Path(cfg.run_dir) / "metrics.jsonl").exists():
+            raise ValueError(f"run folder {cfg.run_dir} already holds a run: continue it with "
+                             f"`openk2 pretrain --resume {cfg.run_dir}` or choose another run_dir")
     run = RunDir(cfg.run_dir)
     data: PretrainData = prepare_pretrain_data(cfg.data, seed=cfg.train.seed, dist=dist)
 
