@@ -72,12 +72,13 @@ def attention_modules(model):
     return [t.module for t in find_clip_targets(model)]
 
 
-@torch.no_grad()
 def layer_inputs(model, ids):
     """Each attention module's inputs in a forward on `ids`, so that its logits can be recomputed on them alone
-    (clipping layer 0 changes what layer 1 sees in a full forward)."""
+    (clipping layer 0 changes what layer 1 sees in a full forward). Grad is on, as in training, so that the
+    attention path (eager while recording) and hence every layer's inputs are the training forward's."""
     captured = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append((mod, args))) for m in attention_modules(model)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append((mod, tuple(a.detach() for a in args))))
+             for m in attention_modules(model)]
     model(ids)
     for h in hooks:
         h.remove()
