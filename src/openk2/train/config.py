@@ -48,7 +48,7 @@ class ScheduleSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 8  # global, in sequences
     grad_accum: int = 1  # micro-batches per step (each batch_size / grad_accum sequences)
     seed: int = 0
