@@ -35,9 +35,11 @@ def micro_overrides(corpus: Path, cache: Path, run_dir: Path, **extra) -> list[s
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def openk2_cli(*args: str, **kwargs) -> subprocess.Popen:
+def openk2_cli(*args: str, nproc: int = 1, **kwargs) -> subprocess.Popen:
+    """`python -m openk2 ARGS`, or with nproc > 1 the same under torchrun (gloo on CPU, a free port)."""
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "openk2", *args], env=env, stdout=subprocess.PIPE,
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "openk2", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from openk2.optim.sharded import holds_whole_matrices, is_dtensor, local_part
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, also K2's (spec §2)
 NS_CHUNK_ELEMENTS = 1 << 22  # matrices per batched NS call: as many as fit in this many elements (at least one)
 
@@ -79,12 +81,30 @@ def muon_(
         u = g.add(m, alpha=momentum) if nesterov else m
         p.mul_(1 - lr * weight_decay)  # decoupled weight decay on W_{t-1}
         shape = p.shape[-2:]
+        if is_dtensor(p):  # an FSDP2 shard
+            if not holds_whole_matrices(p):
+                # rows of each matrix are split over ranks (Moonlight's distributed Muon): gather the full
+                # update, orthogonalise it on every rank, keep this rank's rows of the result
+                o = orthogonalized(u.full_tensor(), ns_steps, ns_coefficients, eps,
+                                   ns_dtype or default_ns_dtype(p.device))
+                p.to_local().add_(local_part(o, p), alpha=-lr * muon_scale(shape))
+                continue
+            p, u = p.to_local(), u.to_local()  # whole experts on this rank: orthogonalise them here
         # a stack of experts goes through NS in chunks of whole matrices: batched, yet with bounded
         # temporaries (K2 has 384 experts of 2048×7168 per layer); one chunk is as fast as many on CPU
         chunk = max(1, NS_CHUNK_ELEMENTS // shape.numel())
         for p_part, u_part in zip(p.view(-1, *shape).split(chunk), u.view(-1, *shape).split(chunk)):
             o = newton_schulz(u_part, ns_steps, ns_coefficients, eps, ns_dtype or default_ns_dtype(p.device))
             p_part.add_(o, alpha=-lr * muon_scale(shape))
+
+
+def orthogonalized(u: Tensor, ns_steps: int, ns_coefficients: tuple[float, float, float], eps: float,
+                   ns_dtype: torch.dtype) -> Tensor:
+    """Newton–Schulz of each matrix of `u` (A, B) or (E, A, B), in chunks of whole matrices, as one tensor."""
+    shape = u.shape[-2:]
+    chunk = max(1, NS_CHUNK_ELEMENTS // shape.numel())
+    parts = u.reshape(-1, *shape).split(chunk)
+    return torch.cat([newton_schulz(part, ns_steps, ns_coefficients, eps, ns_dtype) for part in parts]).view(u.shape)
 
 
 class Muon(Optimizer):

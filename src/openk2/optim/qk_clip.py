@@ -19,8 +19,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from openk2.optim.sharded import is_dtensor, local_part
+
 
 # ----------------------------------------------------------------------------- adapters
+def scale_rows_(weight: Tensor, rows: Tensor) -> None:
+    """weight[i] *= rows[i] in place for a (out, ...) weight or (out,) bias; rows of 1 stay bit-identical.
+
+    An FSDP2-sharded weight (a DTensor) scales its local rows by its own part of `rows`.
+    """
+    scale = rows.view(-1, *([1] * (weight.ndim - 1)))
+    if is_dtensor(weight):
+        weight.to_local().mul_(local_part(scale.expand(weight.shape), weight))
+    else:
+        weight.mul_(scale)
+
+
 class ClipTarget:
     """One attention module: reads its recorded S_max and knows which rows to rescale."""
 
@@ -63,12 +77,12 @@ class MLAClipTarget(ClipTarget):
 
     def scale_(self, gamma: Tensor) -> None:
         m, H = self.module, self.n_heads
-        root = gamma.sqrt()[:, None, None]
-        q = (m.q_proj if m.q_lora_rank is None else m.q_b_proj).weight.view(H, self.d_nope + self.d_rope, -1)
-        q[:, : self.d_nope].mul_(root)  # q^C
-        q[:, self.d_nope :].mul_(gamma[:, None, None])  # q^R: k^R is shared by all heads, so q^R takes all of γ
-        kv = m.kv_b_proj.weight.view(H, self.d_nope + self.d_v, -1)
-        kv[:, : self.d_nope].mul_(root)  # k^C; the v rows below it are left alone
+        root, keep = gamma.sqrt()[:, None], torch.ones_like(gamma)[:, None]  # (H, 1)
+        # q rows per head are [q^C | q^R]: k^R is shared by all heads, so q^R takes all of γ
+        q_rows = torch.cat((root.expand(H, self.d_nope), gamma[:, None].expand(H, self.d_rope)), dim=1)
+        kv_rows = torch.cat((root.expand(H, self.d_nope), keep.expand(H, self.d_v)), dim=1)  # [k^C | v]: v stays
+        scale_rows_((m.q_proj if m.q_lora_rank is None else m.q_b_proj).weight, q_rows.flatten())
+        scale_rows_(m.kv_b_proj.weight, kv_rows.flatten())
 
 
 class GQAClipTarget(ClipTarget):
@@ -96,9 +110,10 @@ class GQAClipTarget(ClipTarget):
         root_q = gamma.sqrt()  # (n_heads,)
         root_k = root_q.view(self.n_kv_heads, -1)[:, 0]  # one value per group
         for proj, root in ((self.module.q_proj, root_q), (self.module.k_proj, root_k)):
-            proj.weight.view(root.shape[0], self.head_dim, -1).mul_(root[:, None, None])
+            rows = root.repeat_interleave(self.head_dim)  # (heads · head_dim,)
+            scale_rows_(proj.weight, rows)
             if proj.bias is not None:  # q = Wx + b: both scale, or the logit is not scaled by γ
-                proj.bias.view(root.shape[0], self.head_dim).mul_(root[:, None])
+                scale_rows_(proj.bias, rows)
 
 
 def gqa_target(name: str, module: nn.Module) -> GQAClipTarget:

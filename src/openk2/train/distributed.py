@@ -2,7 +2,9 @@
 
 `torchrun --nproc_per_node N -m openk2 pretrain CONFIG` gives each rank a slice of every global
 batch; parameters are sharded with `fully_shard` (one unit per decoder layer plus the root), and
-checkpoints gather full tensors so that they stay in the hub layout.
+checkpoints gather full tensors: the model in the hub layout, the optimizer in the single-process
+layout, so that a run resumes under any number of ranks. Muon and QK-Clip handle the sharded
+parameters themselves (`openk2.optim.sharded`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+from openk2.optim.sharded import is_dtensor, shard_like
 
 
 @dataclass
@@ -98,5 +102,38 @@ class Distributed:
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` with sharded tensors gathered full onto rank 0's CPU (every rank must call it).
+
+        The layout is the single-process one, so a checkpoint resumes under any number of ranks.
+        """
+        state = optimizer.state_dict()
+        if not self.enabled:
+            return state
+        # one all-gather per sharded tensor, in the same order on every rank
+        return {**state, "state": {i: {k: self._gathered(v) for k, v in values.items()}
+                                   for i, values in state["state"].items()}}
+
+    def _gathered(self, value):
+        if not is_dtensor(value):
+            return value
+        value = value.full_tensor()  # all-gather; only rank 0 writes the checkpoint
+        return value.cpu() if self.is_main else None
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a full (single-process layout) optimizer state; each rank keeps its shard of sharded parameters."""
+        if self.enabled:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if any(i >= len(params) for i in state["state"]):
+                raise ValueError(f"optimizer state has entries up to #{max(state['state'])}, but the optimizer "
+                                 f"holds {len(params)} parameters")
+            state = {**state, "state": {i: {k: _shard(v, params[i]) for k, v in values.items()}
+                                        for i, values in state["state"].items()}}
+        optimizer.load_state_dict(state)
+
+
+def _shard(value, param: torch.Tensor):
+    """This rank's shard of `value` when it is a full tensor shaped like DTensor `param` (momenta, moments)."""
+    if is_dtensor(param) and torch.is_tensor(value) and value.shape == param.shape:
+        return shard_like(value.to(param.device), param)
+    return value

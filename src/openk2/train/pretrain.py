@@ -213,7 +213,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
     val = data.val_batches(cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
     tokens_seen = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(optimizer, state["optimizer"])
         batches.load_state_dict(state["data"])
         guard.load_state_dict(state["guard"])
         tokens_seen = state["tokens_seen"]
@@ -229,7 +229,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
               + (f"; resumed at step {start_step}" if start_step else ""))
 
     def trainer_state(step: int) -> dict[str, Any]:
-        return {"step": step, "optimizer": dist.optimizer_state(model, optimizer), "data": batches.state_dict(),
+        return {"step": step, "optimizer": dist.optimizer_state(optimizer), "data": batches.state_dict(),
                 "guard": guard.state_dict(), "tokens_seen": tokens_seen, "rng": ckpt.rng_states()}
 
     def save(step: int) -> Path | None:
@@ -267,7 +267,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
                     if last is not None:
                         back = ckpt.load_trainer_state(last)
                         dist.load_model_state(model, ckpt.load_model(last).state_dict())
-                        optimizer.load_state_dict(back["optimizer"])
+                        dist.load_optimizer_state(optimizer, back["optimizer"])
                         guard.load_state_dict(back["guard"])
                         step = back["step"]  # the data cursor goes on: the bad batch is skipped
                         bar.n = step
