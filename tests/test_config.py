@@ -7,7 +7,8 @@ from openk2.train.config import PretrainConfig
 def test_toml_and_overrides_resolve_with_types(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('run_dir = "runs/x"\n[train]\nsteps = 10\n[optim]\nname = "adamw"\nlr = 1\n')
-    cfg = load_config(PretrainConfig, path, ["train.batch_size=4", "optim.qk_clip_tau=50", "model.overrides={num_hidden_layers = 2}"])
+    overrides = ["train.batch_size=4", "optim.qk_clip_tau=50", "model.overrides={num_hidden_layers = 2}"]
+    cfg = load_config(PretrainConfig, path, overrides)
     assert cfg.train.steps == 10 and cfg.train.batch_size == 4
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.qk_clip_tau == 50.0 and cfg.model.overrides == {"num_hidden_layers": 2}

@@ -19,7 +19,8 @@ def test_hub_config_round_trips_unchanged(fixtures, name):
 
 
 def test_transformers_v5_rope_parameters_round_trip():
-    raw = preset("tiny").replace(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}).to_hf()
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    raw = preset("tiny").replace(rope_scaling=yarn).to_hf()
     raw["rope_parameters"] = {**raw.pop("rope_scaling"), "rope_theta": raw.pop("rope_theta"), "rope_type": "yarn"}
     config = ModelConfig.from_hf(raw)
     assert config.rope_theta == 50000.0 and config.yarn["factor"] == 4.0

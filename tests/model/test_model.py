@@ -148,7 +148,8 @@ def test_recorded_max_logits_equal_explicit_logits():
     qn, qr = q.split([config.qk_nope_head_dim, config.qk_rope_head_dim], -1)
     kn = kv[..., : config.qk_nope_head_dim]
     qr, kr = apply_rope(qr, cos, sin), apply_rope(kr[:, :, None], cos, sin)
-    logits = (torch.einsum("bthd,bshd->bhts", qn, kn) + torch.einsum("bthd,bsd->bhts", qr, kr[:, :, 0])) * config.softmax_scale
+    logits = torch.einsum("bthd,bshd->bhts", qn, kn) + torch.einsum("bthd,bsd->bhts", qr, kr[:, :, 0])
+    logits = logits * config.softmax_scale
     logits = logits.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
     torch.testing.assert_close(attn.max_logits, logits.amax(dim=(0, 2, 3)))
 

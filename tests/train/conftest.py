@@ -1,4 +1,3 @@
-import random
 import subprocess
 import sys
 from pathlib import Path

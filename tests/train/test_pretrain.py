@@ -71,7 +71,8 @@ def test_run_folder_has_config_env_metrics_plots(tmp_path, corpus):
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "max_logit", "clipped_fraction", "expert_load_max_over_mean"):
+    keys = ("loss", "lr", "grad_norm", "tokens_per_s", "max_logit", "clipped_fraction", "expert_load_max_over_mean")
+    for key in keys:
         assert key in train[-1], key
     assert len(train[-1]["max_logit"]) == 2  # one per layer
     assert [r["step"] for r in records if r["kind"] == "val"] == [8]

@@ -50,7 +50,8 @@ def hub_shapes(model: K2ForCausalLM) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in hub_tensors(model.state_dict())}
 
 
-def save_pretrained(model: K2ForCausalLM, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def save_pretrained(model: K2ForCausalLM, path: str | os.PathLike,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     save_state(model.config, model.state_dict(), path, max_shard_bytes)
 
 
@@ -189,7 +190,8 @@ def load_pretrained(
     for module in model.modules():  # non-persistent buffers are not in the files
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:
-                module.register_buffer(name, torch.zeros(buf.shape, dtype=torch.float32, device=device), persistent=False)
+                zeros = torch.zeros(buf.shape, dtype=torch.float32, device=device)
+                module.register_buffer(name, zeros, persistent=False)
     return model
 
 

@@ -224,6 +224,7 @@ class QKClip:
     def load_state_dict(self, state: dict) -> None:
         names = [t.name for t in self.targets]
         if sorted(state["clip_counts"]) != sorted(names):
-            raise ValueError(f"QK-Clip state is for layers {sorted(state['clip_counts'])}, this model has {sorted(names)}")
+            raise ValueError(f"QK-Clip state is for layers {sorted(state['clip_counts'])}, "
+                             f"this model has {sorted(names)}")
         self.step = int(state["step"])
         self.clip_counts = [state["clip_counts"][n].clone().long().cpu() for n in names]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from openk2.config import load_config
-from openk2.device import autocast_dtype, default_device, tune_cpu_allocator
+from openk2.device import autocast_dtype, tune_cpu_allocator
 from openk2.model import K2ForCausalLM, ModelConfig, preset
 from openk2.optim.schedule import lr_multiplier
 from openk2.train import checkpoint as ckpt
@@ -27,7 +26,7 @@ from openk2.train.config import PretrainConfig
 from openk2.train.data import PretrainData, prepare_pretrain_data
 from openk2.train.distributed import Distributed
 from openk2.train.plots import plot_run
-from openk2.train.run import RunDir
+from openk2.train.run import RunDir, read_metrics
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -305,16 +304,10 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
     run.close()
     summary = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss, "run_dir": str(run.path)}
     if dist.is_main:
-        last = [r for r in _read_train_records(run) if r.get("max_logit")]
+        last = [r for r in read_metrics(run.path) if r.get("kind") == "train" and r.get("max_logit")]
         summary["max_logit"] = max(last[-1]["max_logit"]) if last else None
         summary["plots"] = [str(p) for p in plot_run(run.path)]
     return summary
-
-
-def _read_train_records(run: RunDir) -> list[dict[str, Any]]:
-    from openk2.train.run import read_metrics
-
-    return [r for r in read_metrics(run.path) if r.get("kind") == "train"]
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
@@ -326,7 +319,3 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> PretrainCon
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
     return load_config(PretrainConfig, path, [f'run_dir="{Path(run_dir)}"', *overrides])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: openk2 pretrain CONFIG.toml")
