@@ -217,10 +217,11 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
         guard.load_state_dict(state["guard"])
         tokens_seen = state["tokens_seen"]
         ckpt.set_rng_states(state["rng"])
-        if dist.is_main:
-            run.truncate_metrics(start_step)
-    elif dist.is_main:
-        run.create(cfg, device)
+    if dist.is_main:
+        if resume is not None:
+            run.truncate_metrics(start_step)  # steps after the checkpoint are redone
+        if state is None:
+            run.create(cfg, device)
     if dist.is_main:
         print(f"openk2 pretrain: {model_config.num_parameters() / 1e6:.1f}M parameters "
               f"({model_config.num_parameters(active=True) / 1e6:.1f}M active), {cfg.optim.name}, device {device}"
@@ -268,6 +269,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
                         dist.load_model_state(model, ckpt.load_model(last).state_dict())
                         dist.load_optimizer_state(optimizer, back["optimizer"])
                         guard.load_state_dict(back["guard"])
+                        tokens_seen = back["tokens_seen"]
                         step = back["step"]  # the data cursor goes on: the bad batch is skipped
                         bar.n = step
                         continue
