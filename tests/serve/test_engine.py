@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from openk2 import K2ForCausalLM, preset
+from openk2.serve import Engine, LatentCache, SamplingParams
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny_model(**changes) -> K2ForCausalLM:
+    # 3 layers: one dense then two MoE; a larger init than training's so logits are far from uniform
+    config = preset("tiny").replace(vocab_size=256, num_hidden_layers=3, initializer_range=0.08, **changes)
+    torch.manual_seed(0)
+    return K2ForCausalLM(config).eval()
+
+
+def random_prompts(lengths, vocab=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def last_logits(model, seq) -> torch.Tensor:
+    return model(torch.tensor([seq])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}],
+                         ids=["q_lora", "plain_q", "yarn"])
+def test_absorbed_decode_equals_full_forward(changes):
+    """Prefill logits and every absorbed decode step match a full forward at that position (fp32)."""
+    model = tiny_model(**changes)
+    engine = Engine(model, max_batch=4, max_seq_len=32)
+    prompts = random_prompts([5, 12, 19])
+    slots = [2, 0, 3]  # non-contiguous slots, different lengths
+    seqs = [list(p) for p in prompts]
+    logits = engine.prefill(slots, prompts)
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[b], last_logits(model, seq), rtol=0, atol=1e-4)
+    g = torch.Generator().manual_seed(2)
+    for step in range(6):
+        rows = [0, 1, 2] if step != 3 else [0, 2]  # one step with a sequence left out
+        toks = torch.randint(2, 256, (len(rows),), generator=g).tolist()
+        for b, t in zip(rows, toks):
+            seqs[b].append(t)
+        logits = engine.decode([slots[b] for b in rows], toks)
+        for i, b in enumerate(rows):
+            torch.testing.assert_close(logits[i], last_logits(model, seqs[b]), rtol=0, atol=1e-4)
+    assert engine.cache.lengths[slots].tolist() == [len(s) for s in seqs]
+
+
+def test_cache_holds_only_latent_and_rope_key():
+    model = tiny_model()
+    c = model.config
+    engine = Engine(model, max_batch=3, max_seq_len=16)
+    assert engine.cache.bytes_per_token_per_layer == (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+    assert engine.cache.kv.nbytes == c.num_hidden_layers * 3 * 16 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+def test_cache_size_at_k2_dims():
+    """K2: [c_kv 512 | k^R 64] in bf16 = 1,152 bytes per token per layer, 35.6x less than full MHA."""
+    config = preset("k2").replace(num_hidden_layers=2)
+    with torch.device("meta"):
+        model = K2ForCausalLM(config).to(torch.bfloat16)
+    engine = Engine(model, max_batch=2, max_seq_len=8)
+    assert engine.cache.bytes_per_token_per_layer == 1152
+    assert engine.cache.kv.shape == (2, 2, 8, 576)
+    assert LatentCache(config, max_batch=1, max_seq_len=1, dtype=torch.bfloat16).kv.nbytes == 2 * 1152  # 2 layers
+    mha = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 2
+    assert round(mha / 1152, 1) == 35.6
+
+
+def test_greedy_equals_argmax_of_full_forwards():
+    model = tiny_model(rope_scaling=YARN)
+    engine = Engine(model, max_batch=2, max_seq_len=32)  # 3 prompts: two waves
+    prompts = random_prompts([4, 9, 6])
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=7, stop_token_ids=()))
+    for prompt, out in zip(prompts, outs):
+        seq, expected, expected_lp = list(prompt), [], []
+        for _ in range(7):
+            logits = last_logits(model, seq)
+            tok = int(logits.argmax())
+            expected.append(tok)
+            expected_lp.append(float(torch.log_softmax(logits, -1)[tok]))
+            seq.append(tok)
+        assert out.token_ids == expected
+        assert out.logprobs == pytest.approx(expected_lp, abs=1e-4)
+        assert out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    model = tiny_model()
+    prompts = random_prompts([3, 8, 5])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7, stop_token_ids=())
+    a = Engine(model, max_batch=4, max_seq_len=32).generate(prompts, params)
+    b = Engine(model, max_batch=1, max_seq_len=32).generate(prompts, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for x, y in zip(a, b):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+        assert all(lp <= 0 for lp in x.logprobs)
+    c = Engine(model, max_batch=4, max_seq_len=32).generate(prompts, SamplingParams(
+        max_new_tokens=8, temperature=1.0, top_p=0.95, seed=8, stop_token_ids=()))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    engine = Engine(model, max_batch=4, max_seq_len=32)
+    prompts = random_prompts([3, 8])
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_k=1, seed=3,
+                                                   stop_token_ids=()))
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    assert all(lp == 0 for o in top1 for lp in o.logprobs)  # the sampling distribution is a point mass
+    raw = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.7, top_k=1, seed=3,
+                                                  stop_token_ids=(), logprobs="raw"))
+    for x, y in zip(raw, greedy):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_stop_token_and_stop_string_end_early():
+    model = tiny_model()
+    engine = Engine(model, max_batch=4, max_seq_len=32)
+    prompts = random_prompts([5, 7])
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=()))[0].token_ids
+    stop = greedy[3]
+    k = greedy.index(stop)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
+    assert outs[0].token_ids == greedy[: k + 1] and len(outs[0].logprobs) == k + 1
+    assert (outs[0].finish_reason, outs[0].stop_reason) == ("stop", stop)
+    with_text = engine.generate(prompts[:1], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)),
+                                decode=lambda ids: ",".join(map(str, ids)))[0]
+    assert with_text.text == ",".join(map(str, greedy[:k]))  # the stop token is not in the text
+    assert outs[1].finish_reason in ("stop", "length")
+
+    def decode(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    stop_str = f"<{greedy[2]}>"
+    k = greedy.index(greedy[2])
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, stop_token_ids=(), stop=(stop_str,)),
+                           decode=decode)
+    assert outs[0].token_ids == greedy[: k + 1]
+    assert (outs[0].finish_reason, outs[0].stop_reason, outs[0].text) == ("stop", stop_str, decode(greedy[:k]))
+
+
+def test_default_stop_is_eos_and_length_is_capped_by_the_cache():
+    model = tiny_model()
+    engine = Engine(model, max_batch=2, max_seq_len=12)
+    prompt = random_prompts([10])[0]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=8, stop_token_ids=()))[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"  # 10 cached + 2 fed back + 1 sampled
+    eos = out.token_ids[1]
+    model.config.eos_token_id = eos
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=8))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos
+
+
+def test_bad_inputs_fail_loudly():
+    engine = Engine(tiny_model(), max_batch=2, max_seq_len=8)
+    with pytest.raises(ValueError, match="prompt lengths"):
+        engine.generate([list(range(2, 12))])
+    with pytest.raises(ValueError, match="prompt lengths"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[5, 999]])
+    with pytest.raises(ValueError, match="decode function"):
+        engine.generate([[5]], SamplingParams(stop=("x",)))
+    for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1}, {"max_new_tokens": 0},
+                {"logprobs": "all"}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
