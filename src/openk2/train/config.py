@@ -28,7 +28,7 @@ class DataSection:
 @dataclass
 class OptimSection:
     name: Literal["muonclip", "adamw"] = "muonclip"
-    lr: float = 0.02  # Muon's lr (MuonClip) or AdamW's lr (adamw)
+    lr: float = 3e-3  # Muon's lr (MuonClip; RMS-matched to AdamW, Moonlight §2.2) or AdamW's lr (adamw)
     adamw_lr: float = 3e-3  # the AdamW group inside MuonClip: embeddings, head, norms
     weight_decay: float = 0.1  # K2 uses 0.1 (paper §2.4)
     momentum: float = 0.95
