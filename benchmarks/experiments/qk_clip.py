@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_md import add_results_row  # the script's own folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "experiments" / "qk_clip"
 PLOT = ROOT / "benchmarks" / "experiments" / "qk_clip.png"
@@ -131,23 +133,11 @@ def append_result(row: str) -> None:
     header = ("| date | command | τ | steps | vanilla peak max logit (goal > 10τ) | MuonClip first clip; "
               "peak after it (goal ≤ 1.25τ) | val vanilla | val MuonClip | ratio (goal ≤ 1.01) | minutes |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    if SECTION not in lines:
-        intro = ("Vanilla Muon (`optim.qk_clip_tau` unset: S_max logged, never clipped) against MuonClip, same data "
-                 "and seed; S_max is the largest pre-softmax logit over layers and heads, measured before each "
-                 "step's clip. Plot: `benchmarks/experiments/qk_clip.png`. Machine: "
-                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; wall-clock minutes.")
-        RESULTS.write_text(text.rstrip("\n") + f"\n\n{SECTION}\n\n{intro}\n\n{header}\n{row}\n")
-        return
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    last_row = max((i for i in range(start, end) if lines[i].startswith("|")), default=None)
-    if last_row is None:
-        lines[end:end] = ["", header, row, ""]
-    else:
-        lines.insert(last_row + 1, row)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    intro = ("Vanilla Muon (`optim.qk_clip_tau` unset: S_max logged, never clipped) against MuonClip, same data "
+             "and seed; S_max is the largest pre-softmax logit over layers and heads, measured before each "
+             "step's clip. Plot: `benchmarks/experiments/qk_clip.png`. Machine: "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; wall-clock minutes.")
+    add_results_row(RESULTS, SECTION, intro, header, row)
 
 
 def main() -> None:

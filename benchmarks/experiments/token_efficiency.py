@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_md import add_results_row  # the script's own folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "experiments" / "token_efficiency"
 PLOT = ROOT / "benchmarks" / "experiments" / "token_efficiency.png"
@@ -143,26 +145,14 @@ def append_result(row: str) -> None:
     header = ("| date | command | steps | final val loss per run | L* = AdamW best final val loss | "
               "tokens for best Muon to reach L* | fraction of AdamW's tokens (goal ≤ 0.6) | minutes |\n"
               "|---|---|---|---|---|---|---|---|")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    if SECTION not in lines:
-        intro = ("MuonClip (τ = 100, never reached here; Moonlight RMS matching, AdamW group at the same lr) against "
-                 "AdamW (betas 0.9/0.95, weight decay 0.1 for both), tiny preset, seq_len 64, batch 8, same data, "
-                 "seed and WSD schedule; validation every 25 steps on 6 batches. The fraction is interpolated "
-                 "linearly between validation points; Muon is compared mid-run (before its decay phase) against "
-                 "AdamW's end-of-run loss. Plot: `benchmarks/experiments/token_efficiency.png`. Machine: "
-                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared); "
-                 "wall-clock minutes.")
-        RESULTS.write_text(text.rstrip("\n") + f"\n\n{SECTION}\n\n{intro}\n\n{header}\n{row}\n")
-        return
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    last_row = max((i for i in range(start, end) if lines[i].startswith("|")), default=None)
-    if last_row is None:
-        lines[end:end] = ["", header, row, ""]
-    else:
-        lines.insert(last_row + 1, row)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    intro = ("MuonClip (τ = 100, never reached here; Moonlight RMS matching, AdamW group at the same lr) against "
+             "AdamW (betas 0.9/0.95, weight decay 0.1 for both), tiny preset, seq_len 64, batch 8, same data, "
+             "seed and WSD schedule; validation every 25 steps on 6 batches. The fraction is interpolated "
+             "linearly between validation points; Muon is compared mid-run (before its decay phase) against "
+             "AdamW's end-of-run loss. Plot: `benchmarks/experiments/token_efficiency.png`. Machine: "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared); "
+             "wall-clock minutes.")
+    add_results_row(RESULTS, SECTION, intro, header, row)
 
 
 def main() -> None:
