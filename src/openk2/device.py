@@ -8,10 +8,6 @@ import platform
 import torch
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training on `device`, or None for plain fp32."""
     return torch.bfloat16 if device.type == "cuda" else None

@@ -65,11 +65,20 @@ def _worker(rank, world, path, result):
 
         mesh = init_device_mesh("cpu", (world,))
         torch.save(_sharded_muon(mesh) + _sharded_clip(mesh), f"{result}.{rank}")
+    except Exception:  # keep the worker's traceback: spawn only reports that a process died
+        import traceback
+
+        torch.save([traceback.format_exc()], f"{result}.{rank}")
+        raise
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_muon_and_qk_clip_on_dtensors_equal_single_process(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, tmp_path / "init", tmp_path / "failures"), nprocs=2)
-    assert [torch.load(f"{tmp_path / 'failures'}.{r}") for r in range(2)] == [[], []]
+    try:
+        torch.multiprocessing.spawn(_worker, args=(2, tmp_path / "init", tmp_path / "failures"), nprocs=2)
+    finally:
+        files = [tmp_path / f"failures.{r}" for r in range(2)]
+        results = [torch.load(f) if f.exists() else ["no result"] for f in files]
+    assert results == [[], []], results
