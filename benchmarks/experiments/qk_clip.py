@@ -12,21 +12,17 @@ benchmarks/RESULTS.md. Usage: python benchmarks/experiments/qk_clip.py [--tau 10
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from results_md import add_results_row  # the script's own folder is on sys.path
+from common import RESULTS, ROOT, add_results_row, run_pretrain, val_curve  # the script's folder is on sys.path
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "experiments" / "qk_clip"
 PLOT = ROOT / "benchmarks" / "experiments" / "qk_clip.png"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Paper experiments: (a) QK-Clip"
 
 # Shared by both runs. Muon lr 0.04 (twice the default) makes the tiny preset's logits pass 10τ within
@@ -47,28 +43,23 @@ GOAL_VANILLA, GOAL_CLIPPED, GOAL_VAL_RATIO = 10.0, 1.25, 1.01
 
 def run_one(name: str, tau: float | None, steps: int, extra: list[str]) -> Path:
     """One pretraining run into RUNS/name; tau None is vanilla Muon (S_max logged, never clipped)."""
-    from openk2.train.pretrain import load_pretrain_config, pretrain
-
     run_dir = RUNS / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # this script owns the folder: a rerun starts clean
-    cfg = load_pretrain_config(None, [*BASE, f"train.steps={steps}", f'data.cache_dir="{ROOT / "data"}"',
-                                      f'run_dir="{run_dir}"', *extra])
-    cfg.optim.qk_clip_tau = tau  # set here: a TOML override cannot spell None
-    start = time.perf_counter()
-    summary = pretrain(cfg)
-    print(f"{name}: {time.perf_counter() - start:.0f} s, val_loss {summary['val_loss']:.4f}, "
+
+    def set_tau(cfg) -> None:  # a TOML override cannot spell None
+        cfg.optim.qk_clip_tau = tau
+
+    summary, seconds = run_pretrain(run_dir, [*BASE, f"train.steps={steps}", *extra], edit=set_tau)
+    print(f"{name}: {seconds:.0f} s, val_loss {summary['val_loss']:.4f}, "
           f"final max logit {summary['max_logit']:.1f}")
     return run_dir
 
 
 def read_run(run_dir: Path) -> tuple[list[int], list[float], list[int], list[float]]:
     """(steps, max logit over layers per step, val steps, val losses) from a run folder's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if r.get("kind") == "train" and r.get("max_logit")]
-    val = [r for r in records if r.get("kind") == "val"]
-    return ([r["step"] for r in train], [max(r["max_logit"]) for r in train],
-            [r["step"] for r in val], [r["val_loss"] for r in val])
+    from openk2.train.run import read_metrics
+
+    train = [r for r in read_metrics(run_dir) if r.get("kind") == "train" and r.get("max_logit")]
+    return ([r["step"] for r in train], [max(r["max_logit"]) for r in train], *val_curve(run_dir, x="step"))
 
 
 def checks(tau: float, vanilla: tuple, clipped: tuple) -> dict:

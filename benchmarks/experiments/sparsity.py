@@ -13,21 +13,17 @@ benchmarks/RESULTS.md. Usage: python benchmarks/experiments/sparsity.py [--exper
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from results_md import add_results_row  # the script's own folder is on sys.path
+from common import RESULTS, ROOT, add_results_row, run_pretrain, val_curve  # the script's folder is on sys.path
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "experiments" / "sparsity"
 PLOT = ROOT / "benchmarks" / "experiments" / "sparsity.png"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Paper experiments: (c) Sparsity"
 
 # Shared by every run: tiny preset (moe_intermediate_size 128, 1 shared expert), short sequences,
@@ -48,25 +44,11 @@ BASE = [
 
 def run_one(experts: int, top_k: int, steps: int, extra: list[str]) -> Path:
     """One pretraining run into RUNS/experts<N> with N routed experts, top_k of them active per token."""
-    from openk2.train.pretrain import load_pretrain_config, pretrain
-
     run_dir = RUNS / f"experts{experts}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # this script owns the folder: a rerun starts clean
     model = f"model.overrides={{n_routed_experts = {experts}, num_experts_per_tok = {top_k}}}"
-    cfg = load_pretrain_config(None, [*BASE, model, f"train.steps={steps}", f'data.cache_dir="{ROOT / "data"}"',
-                                      f'run_dir="{run_dir}"', *extra])
-    start = time.perf_counter()
-    summary = pretrain(cfg)
-    print(f"experts{experts}: {time.perf_counter() - start:.0f} s, val_loss {summary['val_loss']:.4f}")
+    summary, seconds = run_pretrain(run_dir, [*BASE, model, f"train.steps={steps}", *extra])
+    print(f"experts{experts}: {seconds:.0f} s, val_loss {summary['val_loss']:.4f}")
     return run_dir
-
-
-def read_val(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(tokens, val losses) of a run folder's validation lines."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [r for r in records if r.get("kind") == "val"]
-    return [r["tokens"] for r in val], [r["val_loss"] for r in val]
 
 
 def plot(curves: dict[int, tuple[list[int], list[float]]], top_k: int, path: Path) -> None:
@@ -146,7 +128,7 @@ def main() -> None:
         for e in experts:
             run_one(e, args.top_k, args.steps, args.overrides)
         minutes = (time.perf_counter() - start) / 60
-    curves = {e: read_val(RUNS / f"experts{e}") for e in experts}
+    curves = {e: val_curve(RUNS / f"experts{e}") for e in experts}
     plot(curves, args.top_k, PLOT)
 
     print(f"\nSparsity, {args.top_k} active experts fixed, {args.steps} steps; plot {PLOT.relative_to(ROOT)}")

@@ -14,21 +14,17 @@ Usage: python benchmarks/experiments/token_efficiency.py [--steps 200] [--lrs 1e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from results_md import add_results_row  # the script's own folder is on sys.path
+from common import RESULTS, ROOT, add_results_row, run_pretrain, val_curve  # the script's folder is on sys.path
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "experiments" / "token_efficiency"
 PLOT = ROOT / "benchmarks" / "experiments" / "token_efficiency.png"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Paper experiments: (b) Muon vs AdamW token efficiency"
 
 # Shared by every run: tiny preset, short sequences and frequent validation so each run has a
@@ -52,26 +48,12 @@ def run_name(opt: str, lr: float) -> str:
 
 def run_one(opt: str, lr: float, steps: int, extra: list[str]) -> Path:
     """One pretraining run into RUNS/<opt>-lr<lr>; opt is "muon" (MuonClip) or "adamw"."""
-    from openk2.train.pretrain import load_pretrain_config, pretrain
-
     run_dir = RUNS / run_name(opt, lr)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # this script owns the folder: a rerun starts clean
     optim = (["optim.name=\"muonclip\"", f"optim.lr={lr}", f"optim.adamw_lr={lr}"] if opt == "muon"
              else ["optim.name=\"adamw\"", f"optim.lr={lr}"])
-    cfg = load_pretrain_config(None, [*BASE, *optim, f"train.steps={steps}", f'data.cache_dir="{ROOT / "data"}"',
-                                      f'run_dir="{run_dir}"', *extra])
-    start = time.perf_counter()
-    summary = pretrain(cfg)
-    print(f"{run_name(opt, lr)}: {time.perf_counter() - start:.0f} s, val_loss {summary['val_loss']:.4f}")
+    summary, seconds = run_pretrain(run_dir, [*BASE, *optim, f"train.steps={steps}", *extra])
+    print(f"{run_name(opt, lr)}: {seconds:.0f} s, val_loss {summary['val_loss']:.4f}")
     return run_dir
-
-
-def read_val(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(tokens, val losses) of a run folder's validation lines."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [r for r in records if r.get("kind") == "val"]
-    return [r["tokens"] for r in val], [r["val_loss"] for r in val]
 
 
 def tokens_to_reach(tokens: list[int], losses: list[float], target: float) -> float | None:
@@ -181,7 +163,7 @@ def main() -> None:
             for opt in ("adamw", "muon"):
                 run_one(opt, lr, args.steps, args.overrides)
         minutes = (time.perf_counter() - start) / 60
-    curves = {(opt, lr): read_val(RUNS / run_name(opt, lr)) for lr in lrs for opt in ("adamw", "muon")}
+    curves = {(opt, lr): val_curve(RUNS / run_name(opt, lr)) for lr in lrs for opt in ("adamw", "muon")}
     a = analyse(curves)
     plot(curves, a, PLOT)
 
