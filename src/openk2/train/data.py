@@ -75,10 +75,10 @@ def _corpus_key(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _tokenizer(cfg: DataSection, paths: list[Path]) -> Tokenizer:
+def _tokenizer(cfg: DataSection, paths: list[Path], out: Path) -> Tokenizer:
+    """The configured tokenizer, or one trained on the corpus once and cached in `out`."""
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer)
-    out = _tokenizer_dir(cfg, paths)
     if (out / "tokenizer.json").exists():
         return load_tokenizer(out)
     print(f"training a {cfg.vocab_size}-token byte-level BPE on {', '.join(map(str, paths))} -> {out}")
@@ -89,13 +89,15 @@ def prepare_pretrain_data(cfg: DataSection, seed: int, dist: Distributed) -> Pre
     """Build (rank 0) or reuse the corpus, tokenizer and shards the config names; all ranks then open them."""
     if dist.is_main:
         paths = _corpus_paths(cfg)
-        tokenizer = _tokenizer(cfg, paths)
-        key = json.dumps([tokenizer.fingerprint, _corpus_key(paths), cfg.val_fraction, seed])
+        corpus_key = _corpus_key(paths)  # stats every corpus file: once
+        tokenizer_dir = Path(cfg.cache_dir) / f"tokenizer-{cfg.vocab_size}-{corpus_key}"
+        tokenizer = _tokenizer(cfg, paths, tokenizer_dir)
+        key = json.dumps([tokenizer.fingerprint, corpus_key, cfg.val_fraction, seed])
         shards_dir = Path(cfg.cache_dir) / f"shards-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
         if not (shards_dir / INDEX).exists():
             write_shards(iter_documents(paths), tokenizer, shards_dir, val_fraction=cfg.val_fraction, seed=seed,
                          force=True)
-        location = [str(shards_dir), cfg.tokenizer or str(_tokenizer_dir(cfg, paths))]
+        location = [str(shards_dir), cfg.tokenizer or str(tokenizer_dir)]
     else:
         location = [None, None]
     if dist.enabled:
@@ -103,7 +105,3 @@ def prepare_pretrain_data(cfg: DataSection, seed: int, dist: Distributed) -> Pre
     shards_dir, tokenizer_path = location
     tokenizer = tokenizer if dist.is_main else load_tokenizer(tokenizer_path)
     return PretrainData(tokenizer=tokenizer, shards=TokenShards(shards_dir), seed=seed)
-
-
-def _tokenizer_dir(cfg: DataSection, paths: list[Path]) -> Path:
-    return Path(cfg.cache_dir) / f"tokenizer-{cfg.vocab_size}-{_corpus_key(paths)}"
