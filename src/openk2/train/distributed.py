@@ -79,11 +79,8 @@ class Distributed:
 
         for layer in model.model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        fully_shard(model)  # keeps the module class: its methods (update_expert_bias, ...) stay callable
         return model
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model  # fully_shard keeps the module class and its methods
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Full (unsharded) CPU state dict on rank 0 when sharded; None means "use the module as is"."""

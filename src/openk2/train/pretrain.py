@@ -159,7 +159,7 @@ def train_step(model, optimizer, batch: torch.Tensor, cfg: PretrainConfig, devic
     return StepResult(loss_value, grad_norm, anomaly)
 
 
-def max_logit_monitor(cfg: PretrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+def max_logit_monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """Who records S_max: MuonClip itself, or (for AdamW) a log-only QK-Clip so every run reports it."""
     if hasattr(optimizer, "clip_stats"):
         return None
@@ -207,7 +207,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
     model = dist.parallelize(model)
     optimizer = build_optimizer(cfg, model)
     guard = AnomalyGuard(cfg.train.spike_factor)
-    monitor = max_logit_monitor(cfg, model, optimizer)
+    monitor = max_logit_monitor(model, optimizer)
     batches = data.train_batches(cfg.train.batch_size, cfg.data.seq_len)
     val = data.val_batches(cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
     tokens_seen = 0
@@ -236,7 +236,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
         state_ = trainer_state(step)
         full = dist.full_model_state(model)
         if dist.is_main:
-            return ckpt.save_checkpoint(run.checkpoints, step, dist.unwrap(model), state_,
+            return ckpt.save_checkpoint(run.checkpoints, step, model, state_,
                                         keep=cfg.train.keep_checkpoints, model_state=full)
         return None
 
@@ -252,7 +252,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
             batch = next(batches)
             t0 = time.perf_counter()
             result = train_step(model, optimizer, batch, cfg, device, dist, guard)
-            balance = dist.unwrap(model).update_expert_bias(gamma=cfg.optim.expert_bias_update)
+            balance = model.update_expert_bias(gamma=cfg.optim.expert_bias_update)
             elapsed = time.perf_counter() - t0
             if result.anomaly is not None:
                 action = cfg.train.on_anomaly
