@@ -386,7 +386,7 @@ class K2ForCausalLM(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.numel() and not input_ids.is_meta:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one pass, one sync
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
