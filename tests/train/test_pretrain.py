@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from openk2.data.tokenizer import load_tokenizer
 from openk2.train.run import read_metrics
 from tests.train.conftest import micro_overrides, openk2_cli, sets
 
@@ -79,6 +80,11 @@ def test_run_folder_has_config_env_metrics_plots(tmp_path, corpus):
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "max_logit.png", "expert_balance.png"}
     assert "[train]" in (run_dir / "config.toml").read_text()
     assert json.loads((run_dir / "env.json").read_text())["torch"]
+    # the checkpoint's model folder is complete: weights, config and the tokenizer that made the data
+    model_dir = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in model_dir.iterdir()}
+    assert load_tokenizer(model_dir).vocab_size == json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
 @pytest.mark.parametrize(

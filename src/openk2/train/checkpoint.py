@@ -1,6 +1,6 @@
 """Training checkpoints: the model in hub layout plus everything needed to resume bit-exactly.
 
-    checkpoints/step_00000100/model/        config.json + safetensors (loadable by transformers)
+    checkpoints/step_00000100/model/        config.json + safetensors + tokenizer (servable, loadable by transformers)
     checkpoints/step_00000100/trainer.pt    optimizer state, data cursor, RNG states, counters
     checkpoints/latest                      name of the newest complete checkpoint
 
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openk2.data.tokenizer import Tokenizer
 from openk2.model import K2ForCausalLM
 
 
@@ -38,9 +39,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: K2ForCausalLM, trainer_state: dict[str, Any],
-                    keep: int = 2, model_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    keep: int = 2, model_state: dict[str, torch.Tensor] | None = None,
+                    tokenizer: Tokenizer | None = None) -> Path:
     """Write step `step`; keep the newest `keep` checkpoints. `model_state` overrides the weights
-    written (a full state dict gathered from sharded parameters)."""
+    written (a full state dict gathered from sharded parameters); `tokenizer` goes beside the weights so
+    that `model/` is a complete folder that `openk2 serve` and transformers load as it is."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -53,6 +56,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: K2ForCausalLM, tr
         from openk2.model import hub
 
         hub.save_state(model.config, model_state, tmp / "model")
+    if tokenizer is not None:
+        tokenizer.save(tmp / "model")
     torch.save(trainer_state, tmp / "trainer.pt")
     final = root / name
     if final.exists():  # the same step written again after a rollback

@@ -237,7 +237,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
         full = dist.full_model_state(model)
         if dist.is_main:
             return ckpt.save_checkpoint(run.checkpoints, step, model, state_,
-                                        keep=cfg.train.keep_checkpoints, model_state=full)
+                                        keep=cfg.train.keep_checkpoints, model_state=full, tokenizer=data.tokenizer)
         return None
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
