@@ -19,6 +19,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from openk2.data.chat import K2_CHAT_TEMPLATE, K2_CHAT_TOKENS
+
 PathLike = str | os.PathLike
 
 # K2's chat and tool-call tokens (spec §4). A tokenizer trained here puts them first, so [BOS] = 0 and
@@ -102,8 +104,12 @@ class Tokenizer:
         """A short hash of the whole tokenizer, to tell which tokenizer made a set of shards."""
         return hashlib.blake2b(self.backend.to_str().encode(), digest_size=8).hexdigest()
 
-    def save(self, out_dir: PathLike) -> Path:
-        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+    def save(self, out_dir: PathLike, *, chat_template: str | None = None) -> Path:
+        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads.
+
+        chat_template (Jinja) goes into tokenizer_config.json, as Kimi-K2's carries one, so transformers'
+        apply_chat_template and vLLM render chats like openk2; by default K2's format when the vocabulary holds
+        K2's chat tokens."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         config = {
@@ -116,6 +122,10 @@ class Tokenizer:
         }
         if self.backend.token_to_id(PAD_TOKEN) is not None:
             config["pad_token"] = PAD_TOKEN
+        if chat_template is None and all(self.backend.token_to_id(t) is not None for t in K2_CHAT_TOKENS):
+            chat_template = K2_CHAT_TEMPLATE
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         for name, text in (("tokenizer.json", self.backend.to_str(pretty=True)),
                            ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
             tmp = out / f".{name}.tmp"
