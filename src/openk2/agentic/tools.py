@@ -51,9 +51,11 @@ class ToolSpec:
 
     def to_json(self) -> str:
         """One JSONL line; `from_json(to_json())` gives back an equal spec and the same `raw` bytes."""
+        # Key order is kept, not sorted: it is part of what the source sent (a schema's property order is the
+        # order the chat template declares the arguments in).
         return json.dumps({"name": self.name, "description": self.description, "input_schema": self.input_schema,
                            "output_schema": self.output_schema, "source": self.source, "raw": self.raw},
-                          ensure_ascii=False, sort_keys=True)
+                          ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> ToolSpec:
