@@ -121,7 +121,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.record_max_logits = False
         self.max_logits: torch.Tensor | None = None  # (n_heads,) fp32, when recording
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask (B, 1, T, T) bool, True = may attend, replaces the causal mask (packed sequences)."""
         B, T, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -138,21 +140,22 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, nh, T, d_v)
         if self.record_max_logits and torch.is_grad_enabled():  # S_max of training forwards only
-            y = self._attend_recording(q, k, v)
+            y = self._attend_recording(q, k, v, attn_mask)
         else:
             # fused (flash) kernels need one head dim for q, k and v: pad v with zeros, drop them after
             pad = q.shape[-1] - self.d_v
-            y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
-                                               scale=self.softmax_scale)
+            y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=attn_mask,
+                                               is_causal=attn_mask is None, scale=self.softmax_scale)
             y = y[..., : self.d_v] if pad > 0 else y
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
-    def _attend_recording(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Eager attention that keeps max over (batch, causal entries) of each head's scaled logits."""
+    def _attend_recording(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Eager attention that keeps max over (batch, attended entries) of each head's scaled logits."""
         T = q.shape[2]
         logits = (q @ k.transpose(-2, -1)) * self.softmax_scale  # (B, nh, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~causal, float("-inf"))
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if attn_mask is None else attn_mask
+        logits = logits.masked_fill(~allowed, float("-inf"))
         with torch.no_grad():
             batch_max = logits.amax(dim=(-2, -1)).float().amax(dim=0)  # (nh,)
             self.max_logits = batch_max if self.max_logits is None else torch.maximum(self.max_logits, batch_max)
@@ -303,8 +306,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
@@ -320,15 +323,23 @@ class K2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None):
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, H)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None]
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        attn_mask = None
+        if document_ids is not None:  # packed rows: causal within each document, nothing across documents
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids shape {tuple(document_ids.shape)} differs from input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         aux_losses = []
         for layer in self.layers:
-            x, aux = layer(x, cos, sin)
+            x, aux = layer(x, cos, sin, attn_mask)
             if aux is not None:
                 aux_losses.append(aux)
         return self.norm(x), (torch.stack(aux_losses).sum() if aux_losses else None)
@@ -368,9 +379,11 @@ class K2ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
+        """document_ids (B, T): packed sequences; a token attends only to earlier tokens of its own document."""
         self._check_ids(input_ids)
-        hidden, aux = self.model(input_ids, position_ids)
+        hidden, aux = self.model(input_ids, position_ids, document_ids)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
         if labels.shape != input_ids.shape:

@@ -40,10 +40,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: K2ForCausalLM, trainer_state: dict[str, Any],
                     keep: int = 2, model_state: dict[str, torch.Tensor] | None = None,
-                    tokenizer: Tokenizer | None = None) -> Path:
+                    tokenizer: Tokenizer | None = None, chat_template: str | None = None) -> Path:
     """Write step `step`; keep the newest `keep` checkpoints. `model_state` overrides the weights
     written (a full state dict gathered from sharded parameters); `tokenizer` goes beside the weights so
-    that `model/` is a complete folder that `openk2 serve` and transformers load as it is."""
+    that `model/` is a complete folder that `openk2 serve` and transformers load as it is; `chat_template` (Jinja)
+    goes into its tokenizer_config.json (None: `Tokenizer.save`'s default).
+    `model` is a K2ForCausalLM or any module with transformers' `save_pretrained(path)`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -57,7 +59,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: K2ForCausalLM, tr
 
         hub.save_state(model.config, model_state, tmp / "model")
     if tokenizer is not None:
-        tokenizer.save(tmp / "model")
+        tokenizer.save(tmp / "model", chat_template=chat_template)
     torch.save(trainer_state, tmp / "trainer.pt")
     final = root / name
     if final.exists():  # the same step written again after a rollback
