@@ -318,9 +318,13 @@ def test_saved_tokenizer_carries_the_k2_template(tokenizer, tmp_path):
         assert rendered == k2.render(messages, tools, add_generation_prompt=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     assert ChatTemplate.for_model(tmp_path).native_k2
+    # a model's own template that is openk2's K2 template (any model_type: e.g. SmolLM2 after K2-format SFT)
+    # is served natively, so its tool calls get parsed
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     own = ChatTemplate.for_model(tmp_path, "model")
-    assert not own.native_k2 and own.supports_tools and "<|im_end|>" in own.stop_strings
+    assert own.native_k2 and own.supports_tools and "<|im_end|>" in own.stop_strings
     assert own.render(CONVERSATION, [WEATHER]) == EXPECTED
+    assert ChatTemplate.for_model(tmp_path).native_k2
 
 
 # ---------------------------------------------------------------- other models' templates

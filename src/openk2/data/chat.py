@@ -315,6 +315,8 @@ class ChatTemplate:
                 raise ValueError(f"chat template choice {choice!r} is not 'auto', 'k2', 'model' or a .jinja file")
             return cls.from_file(choice)
         own = _model_template(model_dir)
+        if own is not None and own.source == K2_CHAT_TEMPLATE:  # saved by openk2 (e.g. a model fine-tuned by SFT)
+            own = cls.k2()
         if choice == "model":
             if own is None:
                 raise ValueError(f"{model_dir} has no chat template (no chat_template.jinja, no chat_template "
