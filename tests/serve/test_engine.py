@@ -25,14 +25,21 @@ def last_logits(model, seq) -> torch.Tensor:
     return model(torch.tensor([seq])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}],
-                         ids=["q_lora", "plain_q", "yarn"])
+GROUPS = {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 3, "n_shared_experts": 2}
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, GROUPS],
+                         ids=["q_lora", "plain_q", "yarn", "groups_two_shared"])
 def test_absorbed_decode_equals_full_forward(changes):
     """Prefill logits and every absorbed decode step match a full forward at that position (fp32)."""
     model = tiny_model(**changes)
+    for _, moe in model.moe_layers():  # a router bias that changes which experts win
+        moe.gate.e_score_correction_bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     engine = Engine(model, max_batch=4, max_seq_len=32)
     prompts = random_prompts([5, 12, 19])
-    slots = [2, 0, 3]  # non-contiguous slots, different lengths
+    # non-contiguous slots (the cache is gathered), then slots 2, 3 (read as a view); three sequences run the
+    # experts through grouped_mm, two through the loop over the experts in use
+    slots = [2, 0, 3]
     seqs = [list(p) for p in prompts]
     logits = engine.prefill(slots, prompts)
     for b, seq in enumerate(seqs):
@@ -46,7 +53,7 @@ def test_absorbed_decode_equals_full_forward(changes):
         logits = engine.decode([slots[b] for b in rows], toks)
         for i, b in enumerate(rows):
             torch.testing.assert_close(logits[i], last_logits(model, seqs[b]), rtol=0, atol=1e-4)
-    assert engine.cache.lengths[slots].tolist() == [len(s) for s in seqs]
+    assert [engine.cache.lengths[s] for s in slots] == [len(s) for s in seqs]
 
 
 def test_cache_holds_only_latent_and_rope_key():
@@ -170,3 +177,80 @@ def test_bad_inputs_fail_loudly():
                 {"logprobs": "all"}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_step_api_attributes_and_release():
+    model = tiny_model()
+    engine = Engine(model, max_batch=3, max_seq_len=16)
+    assert (engine.max_batch, engine.max_seq_len, engine.vocab_size, engine.device) == (3, 16, 256, torch.device("cpu"))
+    prompts = random_prompts([4, 6])
+    engine.prefill([0, 1], prompts)
+    engine.release([0])
+    with pytest.raises(ValueError, match="never prefilled"):
+        engine.decode([0, 1], [5, 6])
+    torch.testing.assert_close(engine.decode([1], [5])[0], last_logits(model, prompts[1] + [5]), rtol=0, atol=1e-4)
+    for bad in ([3], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="slots"):
+            engine.decode(bad, [5] * len(bad))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.decode([1], [256])
+
+
+def test_load_weights_replaces_weights_in_place(tmp_path):
+    """After load_weights the engine computes exactly what a fresh engine on the new weights does."""
+    engine = Engine(tiny_model(), max_batch=2, max_seq_len=32)
+    torch.manual_seed(5)
+    other = K2ForCausalLM(engine.config.replace(initializer_range=0.1)).eval()
+    other.save_pretrained(tmp_path / "other")
+    prompts = random_prompts([6, 9])
+    before = engine.prefill([0, 1], prompts)
+    engine.load_weights(tmp_path / "other")
+    torch.testing.assert_close(engine.model.lm_head.weight, other.lm_head.weight, rtol=0, atol=0)
+    fresh = Engine(other, max_batch=2, max_seq_len=32)
+    for e in (engine, fresh):
+        e.prefill([0, 1], prompts)
+    assert not torch.allclose(before, fresh.prefill([0, 1], prompts))
+    for tok in (7, 8, 9):  # the folded decode weights were refreshed too
+        torch.testing.assert_close(engine.decode([0, 1], [tok, tok]), fresh.decode([0, 1], [tok, tok]),
+                                   rtol=0, atol=1e-5)
+
+
+def test_load_weights_refuses_another_architecture(tmp_path):
+    engine = Engine(tiny_model(), max_batch=2, max_seq_len=32)
+    K2ForCausalLM(engine.config.replace(num_attention_heads=2)).save_pretrained(tmp_path / "two_heads")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        engine.load_weights(tmp_path / "two_heads")
+
+
+def test_bf16_decode_follows_the_bf16_model():
+    """Nothing fp32-only: a bf16 model decodes in bf16 (router and softmax in fp32) close to its own forward."""
+    model = tiny_model().to(torch.bfloat16)
+    engine = Engine(model, max_batch=2, max_seq_len=32)
+    assert engine.cache.kv.dtype == torch.bfloat16
+    prompts = random_prompts([5, 8])
+    engine.prefill([0, 1], prompts)
+    logits = engine.decode([0, 1], [7, 7])
+    assert logits.dtype == torch.float32
+    for b, p in enumerate(prompts):
+        expected = last_logits(model, p + [7])
+        assert (logits[b] - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(tmp_path):
+    """compile=True: the same logits as the eager step, while the cache grows, the batch changes and weights load."""
+    eager = Engine(tiny_model(rope_scaling=YARN), max_batch=4, max_seq_len=48)
+    compiled = Engine(tiny_model(rope_scaling=YARN), max_batch=4, max_seq_len=48, compile=True)
+    torch.manual_seed(6)
+    K2ForCausalLM(eager.config.replace(initializer_range=0.1)).save_pretrained(tmp_path)
+    prompts = random_prompts([5, 9, 3])
+    g = torch.Generator().manual_seed(4)
+    for slots in ([1], [0, 2, 3], [3, 1]):
+        if slots == [3, 1]:  # the compiled step must see the refreshed weights
+            for e in (eager, compiled):
+                e.load_weights(tmp_path)
+        for e in (eager, compiled):
+            e.prefill(slots, prompts[: len(slots)])
+        for _ in range(12):
+            toks = torch.randint(2, 256, (len(slots),), generator=g).tolist()
+            torch.testing.assert_close(compiled.decode(slots, toks), eager.decode(slots, toks), rtol=0, atol=1e-4)
