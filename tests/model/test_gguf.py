@@ -51,7 +51,7 @@ def test_smollm2_converts_serves_and_answers(tmp_path, capsys):
     out = tmp_path / "smollm2"
     out.mkdir()
     (out / "stale.txt").write_text("replaced by --force")
-    assert main(["convert", "gguf", str(smollm2_gguf_path()), str(out), "--force"]) == 0
+    assert main(["convert", "gguf", "smollm2", str(out), "--force"]) == 0  # smollm2: the packaged GGUF
     assert f"checkpoint folder written to {out}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

@@ -256,15 +256,13 @@ def test_chat_and_serve_commands(k2_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- SmolLM2 (a transformers model)
 @pytest.fixture(scope="module")
-def smol_server(tmp_path_factory):
-    from openk2.model.gguf import convert_gguf, smollm2_gguf_path
+def smol_server(smollm2_dir):
     from openk2.serve.app import create_app
     from openk2.serve.loading import load_served_model
 
     from .conftest import ServerThread
 
-    folder = convert_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "model")
-    served = load_served_model(folder, max_batch=2, max_seq_len=1024, served_name="smollm2")
+    served = load_served_model(smollm2_dir, max_batch=2, max_seq_len=1024, served_name="smollm2")
     with ServerThread(create_app(served)) as server:
         yield server
 
@@ -280,6 +278,11 @@ def test_smollm2_chat_stream_and_tool_round_trip(smol_server):
     assert whole.choices[0].message.content and whole.usage.completion_tokens <= 8
     content, calls, finish, usage = stream_chat(client, **kwargs)
     assert content == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    # without tools, "auto" renders SmolLM2's own template (the one it was tuned on), so it answers sensibly
+    assert smol_server.app.state.served.plain_template is not None
+    capital = client.chat.completions.create(model="smollm2", max_tokens=16, **GREEDY, messages=[
+        {"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in capital.choices[0].message.content
 
     first = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER], max_tokens=16,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},

@@ -103,13 +103,6 @@ def test_sigkill_then_resume_reproduces_sft_losses_bit_exactly(tmp_path):
     assert losses(killed_dir) == reference
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    from openk2.model.gguf import convert_gguf, smollm2_gguf_path
-
-    return convert_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "model")
-
-
 @pytest.mark.slow
 def test_smollm2_learns_k2_tool_calls(tmp_path, smollm2_dir):
     """The real SmolLM2-135M-Instruct, K2's markers added, a few MuonClip steps: the loss drops."""

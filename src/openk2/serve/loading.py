@@ -8,6 +8,10 @@ causal LM on the transformers-backed HFEngine. fp32 on CPU, bf16 on GPU unless `
 `ServedModel.chat_prompt` turns an OpenAI conversation into prompt ids, forcing a tool call for
 tool_choice "required" or a named function by ending the prompt with the start of K2's call syntax;
 `ServedModel.parse` turns the generated text (with that forced start) back into content and tool calls.
+
+Chat template "auto" on a model whose own template has no tool support (SmolLM2) renders requests that
+declare tools in K2's format, the one our tool parser reads, and requests without tools in the model's own
+format, the one it was tuned on: a small instruct model does not follow a format it has never seen.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class ServedModel:
     tool_parser: ToolParser | None  # reads the template's tool-call format; None when it has none
     stop_token_ids: tuple[int, ...]
     path: Path | None = None
+    plain_template: ChatTemplate | None = None  # for requests without tools, when set (see the module docstring)
 
     @property
     def max_seq_len(self) -> int:
@@ -77,7 +82,8 @@ class ServedModel:
             if isinstance(tool_choice, Mapping):  # a named function: the whole call header up to its arguments
                 calls = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
                 forced += f"{tool_choice['function']['name']}:{calls}{TOOL_CALL_ARGUMENT_BEGIN}"
-        text = self.template.render(messages, tools or None, add_generation_prompt=True) + forced
+        template = self.plain_template if self.plain_template is not None and not tools else self.template
+        text = template.render(messages, tools or None, add_generation_prompt=True) + forced
         parse = tool_choice != "none" and self.tool_parser is not None and bool(tools)
         return ChatPrompt(self.tokenizer.encode(text, allow_special=True), forced, parse)
 
@@ -107,11 +113,11 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate, config: dict) -> tuple[int, ...]:
-    """EOS ids (tokenizer and config) plus the template's stop strings that are single tokens."""
+def _stop_token_ids(tokenizer: Tokenizer, templates: Sequence[ChatTemplate], config: dict) -> tuple[int, ...]:
+    """EOS ids (tokenizer and config) plus the templates' stop strings that are single tokens."""
     eos = config.get("eos_token_id")
     ids = [tokenizer.eos_id] + (eos if isinstance(eos, list) else [] if eos is None else [eos])
-    for s in template.stop_strings:
+    for s in (s for template in templates for s in template.stop_strings):
         encoded = tokenizer.encode(s, allow_special=True)
         if len(encoded) == 1:
             ids.append(encoded[0])
@@ -141,6 +147,13 @@ def load_served_model(path: str | os.PathLike, *, max_batch: int = 16, max_seq_l
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     tokenizer = load_tokenizer(model_dir)
     template = ChatTemplate.for_model(model_dir, chat_template)
+    plain = None
+    if chat_template == "auto" and template.native_k2 and config.get("model_type") not in K2_MODEL_TYPES:
+        try:
+            plain = ChatTemplate.for_model(model_dir, "model")
+        except ValueError:  # the model has no template of its own: K2's for everything
+            plain = None
+        plain = None if plain is None or plain.native_k2 else plain
     if config.get("model_type") in K2_MODEL_TYPES:
         from openk2.model import K2ForCausalLM
         from openk2.serve.engine import Engine
@@ -154,5 +167,7 @@ def load_served_model(path: str | os.PathLike, *, max_batch: int = 16, max_seq_l
                                           device=device)
     parser = get_tool_parser(K2_TOOL_PARSER) if template.native_k2 else None
     name = served_name or Path(path).resolve().name
+    templates = [template] if plain is None else [template, plain]
     return ServedModel(name=name, engine=engine, tokenizer=tokenizer, template=template, tool_parser=parser,
-                       stop_token_ids=_stop_token_ids(tokenizer, template, config), path=model_dir)
+                       stop_token_ids=_stop_token_ids(tokenizer, templates, config), path=model_dir,
+                       plain_template=plain)

@@ -37,6 +37,10 @@ class OptimSection:
     grad_clip: float = 1.0  # global grad-norm clip; 0 = off
     expert_bias_update: float = 1e-3  # γ of the aux-loss-free balance (DeepSeek-V3)
 
+    def __post_init__(self) -> None:
+        if self.qk_clip_tau is not None and self.qk_clip_tau <= 0:
+            raise ValueError(f"optim.qk_clip_tau must be positive, got {self.qk_clip_tau}")
+
 
 @dataclass
 class ScheduleSection:
@@ -62,6 +66,13 @@ class TrainSection:
     spike_factor: float = 3.0
     device: str = "auto"  # auto: cuda when present (bf16 autocast), else cpu (fp32)
 
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.grad_accum={self.grad_accum}")
+
 
 @dataclass
 class PretrainConfig:
@@ -73,12 +84,5 @@ class PretrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        t = self.train
-        if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
-            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
-        if t.batch_size % t.grad_accum:
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
-        if self.optim.qk_clip_tau is not None and self.optim.qk_clip_tau <= 0:
-            raise ValueError(f"optim.qk_clip_tau must be positive, got {self.optim.qk_clip_tau}")

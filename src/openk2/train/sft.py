@@ -86,12 +86,7 @@ class SFTConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def __post_init__(self) -> None:
-        t = self.train
-        if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
-            raise ValueError("train.steps, train.batch_size and train.grad_accum must be positive")
-        if t.batch_size % t.grad_accum:
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    def __post_init__(self) -> None:  # the train and optim sections check themselves
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if self.data.seq_len < 2:
