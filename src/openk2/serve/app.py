@@ -331,8 +331,27 @@ class _Api:
 
 
 def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server until Ctrl-C (`openk2 serve`)."""
+    """Run the server until Ctrl-C (`openk2 serve`): the engine loop on this thread, HTTP on another."""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.run(create_app(served), host=host, port=port, log_level=log_level)
+    def stop(signum, frame):  # uvicorn handles no signals off the main thread: Ctrl-C and SIGTERM end the loop here
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    scheduler = Scheduler(served.engine, served.tokenizer.decode, default_stop_ids=served.stop_token_ids)
+    server = uvicorn.Server(uvicorn.Config(create_app(served, scheduler), host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="openk2-http", daemon=True)
+    try:
+        scheduler.run(ready=http.start)  # see Scheduler.run for why the loop keeps the main thread
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        scheduler.shutdown()
+        if http.is_alive():
+            http.join(10)
 
