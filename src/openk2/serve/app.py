@@ -41,7 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def create_app(served: ServedModel, scheduler: Scheduler | None = None) -> FastAPI:
     """The app; it starts the scheduler (one is made for `served` when not given) and stops it on shutdown."""
-    scheduler = scheduler or Scheduler(served.engine, served.tokenizer.decode, default_stop_ids=served.stop_token_ids)
+    scheduler = scheduler or served.new_scheduler()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -342,7 +342,7 @@ def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, log_le
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    scheduler = Scheduler(served.engine, served.tokenizer.decode, default_stop_ids=served.stop_token_ids)
+    scheduler = served.new_scheduler()
     server = uvicorn.Server(uvicorn.Config(create_app(served, scheduler), host=host, port=port, log_level=log_level))
     http = threading.Thread(target=server.run, name="openk2-http", daemon=True)
     try:
@@ -350,6 +350,7 @@ def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, log_le
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C while shutting down exits at once
         server.should_exit = True
         scheduler.shutdown()
         if http.is_alive():

@@ -53,7 +53,7 @@ def run_chat(served: ServedModel, *, tools: list[dict] | None = None, system: st
         if tool_choice not in [t["function"]["name"] for t in tools]:
             raise ValueError(f"tool_choice {tool_choice!r} is not one of the declared tools")
         tool_choice = {"type": "function", "function": {"name": tool_choice}}
-    scheduler = Scheduler(served.engine, served.tokenizer.decode, default_stop_ids=served.stop_token_ids).start()
+    scheduler = served.new_scheduler().start()
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     say = _printer(stdout)

@@ -33,7 +33,7 @@ from openk2.data.chat import (
     ChatTemplate,
 )
 from openk2.data.tokenizer import Tokenizer, load_tokenizer
-from openk2.serve.scheduler import StepEngine
+from openk2.serve.scheduler import Scheduler, StepEngine
 from openk2.serve.tool_parser import ToolParser, get_tool_parser
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class ServedModel:
     @property
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
+
+    def new_scheduler(self) -> Scheduler:
+        """A scheduler (not started) over this model's engine, detokenizer and stop ids."""
+        return Scheduler(self.engine, self.tokenizer.decode, default_stop_ids=self.stop_token_ids)
 
     def chat_prompt(self, messages: Sequence[Mapping], tools: list[dict] | None = None,
                     tool_choice: str | Mapping = "auto") -> ChatPrompt:
