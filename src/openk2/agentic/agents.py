@@ -128,6 +128,9 @@ def fallback_prompt(draft: AgentDraft, tools: dict[str, ToolSpec]) -> str:
 async def write_agent(llm: Any, draft: AgentDraft, tools: dict[str, ToolSpec], config: AgentsSection,
                       seed: int) -> Agent:
     """The LLM writes the agent's system prompt; a reply that is unusable falls back to the template (recorded)."""
+    if llm is None:
+        return Agent(draft.agent_id, draft.domain, draft.tools, fallback_prompt(draft, tools), "template",
+                     "no LLM (llm.enabled = false)")
     try:
         reply = await llm.chat(_prompt_request(draft, tools), max_tokens=config.max_tokens, seed=seed,
                                stage="agents")

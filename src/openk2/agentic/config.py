@@ -56,6 +56,9 @@ class LLMSection(LLMConfig):
     timeout_s: float = 600.0  # a CPU server with 64 requests queued answers slowly
     max_tokens: int = 256
     cache_dir: str | None = "runs/synth-cache"  # shared by runs: a rerun of the same requests costs nothing
+    # False: no LLM at all, every text from its template (system prompts, requests from the catalog's asks, final
+    # answers); needs tools.synthetic = false, judge.llm = false, episodes.assistant = "gold" and one user turn
+    enabled: bool = True
 
 
 def _tiny_evolve() -> EvolveConfig:
@@ -70,6 +73,7 @@ class ToolsSection:
     mcp_servers: list[str] = field(default_factory=lambda: ["time", "sqlite"])  # of MCP_SERVERS
     exclude: list[str] = field(default_factory=lambda: list(WRITING_MCP_TOOLS))  # tool names left out
     synthetic: bool = True  # evolve synthetic tools with the LLM (section [tools.evolve])
+    catalog: bool = False  # add the built-in catalog of ~300 synthetic tools with request templates (catalog.py)
     code_tool: bool = True  # add `run_python`, executed in the code sandbox
     evolve: EvolveConfig = field(default_factory=_tiny_evolve)
 
@@ -112,8 +116,13 @@ class TasksSection:
     # Argument values to draw from instead of the schema sampler, by "tool.param" or "param": real tools need
     # real values (a time zone, a SQL query); chained values from earlier calls still win.
     value_pools: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_VALUE_POOLS))
+    repeat_rate: float = 0.0  # chance that a later plan call repeats the tool before it, with other values
+    out_of_scope_rate: float = 0.0  # share of tasks asking what only another category's catalog tool does
 
     def __post_init__(self) -> None:
+        for name in ("repeat_rate", "out_of_scope_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"tasks.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.count < 1 or not self.complexity or any(c < 1 for c in self.complexity):
             raise ValueError(f"tasks: need count >= 1 and complexity levels >= 1, got {self.count}, "
                              f"{self.complexity}")
@@ -144,8 +153,11 @@ class EpisodesSection:
     stop_token: str = "###STOP###"
     user_max_tokens: int = 96
     assistant_max_tokens: int = 256
+    system_prompt_rate: float = 1.0  # share of trajectories that start with the agent's system prompt
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.system_prompt_rate <= 1.0:
+            raise ValueError(f"episodes.system_prompt_rate must be in [0, 1], got {self.system_prompt_rate}")
         for name in ("per_task", "max_user_turns", "max_assistant_steps", "max_tool_calls", "concurrency",
                      "user_max_tokens", "assistant_max_tokens"):
             if getattr(self, name) < 1:
@@ -183,6 +195,14 @@ class SynthConfig:
     tasks: TasksSection = field(default_factory=TasksSection)
     episodes: EpisodesSection = field(default_factory=EpisodesSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
+
+    def __post_init__(self) -> None:
+        if not self.llm.enabled:
+            needs = {"tools.synthetic = false": not self.tools.synthetic, "judge.llm = false": not self.judge.llm,
+                     'episodes.assistant = "gold"': self.episodes.assistant == "gold",
+                     "episodes.max_user_turns = 1": self.episodes.max_user_turns == 1}
+            if missing := [k for k, ok in needs.items() if not ok]:
+                raise ValueError(f"llm.enabled = false (no LLM) also needs {', '.join(missing)}")
 
 
 def load_synth_config(path: str | Path | None = None, overrides: list[str] = ()) -> SynthConfig:

@@ -88,6 +88,14 @@ def pick_persona(personas: list[str], seed: int) -> str:
     return random.Random(seed).choice(personas)
 
 
+REFUSALS = (
+    "Sorry, I can't help with that: none of the tools I have ({names}) can do it.",
+    "I'm afraid that is outside what I can do here. My tools ({names}) don't cover this request.",
+    "I can't do this one. The functions available to me ({names}) are meant for other tasks, and none of them fits.",
+    "Unfortunately none of my tools fits this request (I have: {names}), so I can't do it for you.",
+)
+
+
 class _Rollout:
     """The mutable state of one episode while it runs."""
 
@@ -122,6 +130,8 @@ class _Rollout:
 
     async def assistant_text(self, stage_note: str) -> str | None:
         """The assistant's prose reply to the conversation so far (tool calls not allowed), or None if unusable."""
+        if self.llm is None:
+            return None
         reply = await self.llm.chat(self.messages, tools=self.openai_tools, tool_choice="none",
                                     max_tokens=self.config.assistant_max_tokens, seed=self.t.seed,
                                     stage="episodes/assistant")
@@ -144,7 +154,10 @@ class _Rollout:
                 if got["outcome"] != c.outcome:
                     self.t.notes.append(f"{got['id']}: outcome {got['outcome']}, the plan had {c.outcome}")
         text = await self.assistant_text("final answer")
-        if text is None:
+        if text is None and not self.task.calls:
+            text = self.refusal()
+            self.t.notes.append("final answer from the out-of-scope template")
+        elif text is None:
             text = self.summary()
             self.t.notes.append("final answer from the template summary")
         self.messages.append({"role": "assistant", "content": text})
@@ -158,6 +171,11 @@ class _Rollout:
                 lines.append(f"- {message['tool_call_id'].split(':')[0].removeprefix('functions.')}: "
                              f"{message['content'][:300]}")
         return "Here is what I found:\n" + "\n".join(lines)
+
+    def refusal(self) -> str:
+        """The gold answer to a request no tool of the agent serves (an out-of-scope task)."""
+        names = ", ".join(self.agent.tools)
+        return random.Random(self.t.seed).choice(REFUSALS).format(names=names)
 
     async def model_turn(self) -> bool:
         """The served model answers the last user message, calling tools as it likes. False when it stopped short."""
@@ -187,12 +205,15 @@ class _Rollout:
 
     async def user_reply(self) -> str | None:
         """The simulated user's next message, or None when it stops (the stop token, or nothing to say)."""
+        if self.llm is None:
+            self.t.stop = "no_user_simulator"
+            return None
         stop = self.config.stop_token
         system = (f"You are role-playing a user who talks to an AI assistant. You are {self.t.persona}. Your goal: "
                   f"{self.task.user_request}\nWrite only the user's next message, briefly. If your goal has been met "
                   f"or you have nothing more to ask, reply with exactly {stop}")
         flipped = [{"role": "user", "content": "(You start the conversation.)"}]
-        for message in self.messages[1:]:
+        for message in self.messages:
             text = message.get("content")
             if message["role"] == "user":
                 flipped.append({"role": "assistant", "content": text})
@@ -222,8 +243,9 @@ async def run_episode(llm: Any, task: Task, agent: Agent, tools: dict[str, ToolS
     mode = config.assistant
     trajectory = Trajectory(episode_id, task.task_id, agent.agent_id, agent.domain, mode, seed,
                             pick_persona(config.personas, seed))
-    trajectory.messages += [{"role": "system", "content": agent.system_prompt},
-                            {"role": "user", "content": task.user_request}]
+    if random.Random(seed).random() < config.system_prompt_rate:
+        trajectory.messages.append({"role": "system", "content": agent.system_prompt})
+    trajectory.messages.append({"role": "user", "content": task.user_request})
     # Gold replays the plan on the plan's own seed (same outcomes, same state); model mode too, so that a model
     # making the plan's calls meets the plan's world and the end states compare.
     world = simulators([tools[name] for name in agent.tools], task.seed).new_episode(task.seed)

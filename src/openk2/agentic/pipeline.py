@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from openk2.agentic.agents import Agent, draft_agents, tool_domain, write_agent
+from openk2.agentic.catalog import load_catalog
 from openk2.agentic.config import SynthConfig
 from openk2.agentic.episode import Trajectory, run_episode
 from openk2.agentic.evolve import evolve_tools, load_tools, save_tools
@@ -193,6 +194,12 @@ class Synthesis:
                 _write_atomic(self.path / "tools_rejected.jsonl",
                               (json.dumps({"category": c.category, "domain": c.domain, "raw": c.raw, "reason": r},
                                           ensure_ascii=False) for c, r in result.rejected))
+            if cfg.catalog:
+                known = {t.name for t in tools}
+                for t in load_catalog():
+                    count(tool_domain(t), 1, 1)
+                    if t.name not in known:
+                        tools.append(t)
         if cfg.code_tool and not any(is_code_tool(t) for t in tools):
             tools.append(python_tool_spec())
             count("code", 1, 1)
@@ -467,7 +474,7 @@ async def run_synth(config: SynthConfig, *, llm: Any | None = None, toolbox: Any
     started = time.monotonic()
     run = prepare_run(config, resume)
     owned: list[Any] = []
-    if llm is None:
+    if llm is None and config.llm.enabled:
         llm_config = resolve_model(config.llm)
         llm = LLMClient(llm_config)
         owned.append(llm)

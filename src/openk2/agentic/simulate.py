@@ -364,6 +364,12 @@ class RealToolCaller(Protocol):
                   ) -> MCPCallResult: ...
 
 
+def open_world(tool: ToolSpec) -> bool:
+    """Whether a record the call names exists even when this episode never wrote it: true for the catalog's tools,
+    whose users name records of a service that holds more than the episode (an order id, a booking reference)."""
+    return bool(tool.raw.get("asks"))
+
+
 def is_code_tool(tool: ToolSpec) -> bool:
     return tool.source == "sandbox" or tool.name in CODE_TOOL_NAMES
 
@@ -469,7 +475,7 @@ class Episode:
             plain: Any = {"status": "created", entity: record}
         elif op in ("update", "delete"):
             key = self._find(entity, arguments)
-            if key is None and op == "update" and tool_effect_verb(tool.name) == "set":
+            if key is None and (op == "update" and tool_effect_verb(tool.name) == "set" or open_world(tool)):
                 key = self._key(entity, arguments) or self._new_id(entity)  # set_ upserts
                 records[key] = {"id": key, f"{entity}_id": key}
             if key is None:
@@ -488,6 +494,10 @@ class Episode:
             single = tool_effect_verb(tool.name) in ("get", "read", "fetch", "retrieve", "describe", "show", "view",
                                                      "lookup", "load") and self._lookup_key(entity, arguments)
             if single:
+                if not items and open_world(tool):
+                    key = self._key(entity, arguments) or str(arguments[single])
+                    records[key] = {**copy.deepcopy(arguments), "id": key, f"{entity}_id": key}
+                    items = [records[key]]
                 if not items:
                     return ToolResult(outcome, f"Error: no {entity} matches {json.dumps(arguments)}", is_error=True)
                 record, items = items[0], None

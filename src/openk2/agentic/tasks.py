@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from openk2.agentic.agents import Agent
+from openk2.agentic.catalog import asks, draw_arguments, render_ask
 from openk2.agentic.config import TasksSection
 from openk2.agentic.llm import LLMOutputError, LLMRequestError
-from openk2.agentic.simulate import SchemaSampler, ToolSimulator, tool_effect
+from openk2.agentic.simulate import SchemaSampler, ToolSimulator, open_world, tool_effect
 from openk2.agentic.tools import ToolSpec
 
 SimulatorFactory = Callable[[list[ToolSpec], int], ToolSimulator]  # (the agent's tools, seed) -> a fresh simulator
@@ -101,10 +102,18 @@ def _params(tool: ToolSpec) -> set[str]:
     return set(tool.input_schema.get("properties", {}) or {})
 
 
-def draw_plan(tools: list[ToolSpec], complexity: int, rng: random.Random) -> list[ToolSpec]:
-    """`complexity` tools to call, related ones preferred, writes ordered before reads (stable otherwise)."""
+def draw_plan(tools: list[ToolSpec], complexity: int, rng: random.Random, repeat_rate: float = 0.0
+              ) -> list[ToolSpec]:
+    """`complexity` tools to call, related ones preferred, writes ordered before reads (stable otherwise).
+
+    With probability `repeat_rate` a later call repeats the tool before it (the same tool with other values: the
+    parallel calls of one function that a request like "the weather in Paris and in Oslo" needs).
+    """
     seq = [rng.choice(tools)]
     while len(seq) < complexity:
+        if rng.random() < repeat_rate:
+            seq.append(seq[-1])
+            continue
         rest = [t for t in tools if t not in seq] or list(tools)
         entities = {tool_effect(t.name)[1] for t in seq}
         names = set().union(*(_params(t) for t in seq))
@@ -149,8 +158,16 @@ def run_plan(tools: list[ToolSpec], simulator: ToolSimulator, seed: int, config:
     calls: list[PlanCall] = []
     for step, tool in enumerate(tools):
         ctx = {p: v for p in _params(tool) if (v := _pool_value(config.value_pools, tool.name, p, rng)) is not None}
-        ctx.update({k: v for k, v in known.items() if k in _params(tool)})
-        arguments = sampler.sample(tool.input_schema, tool.input_schema, ctx)
+        # A catalog tool's values come from its ask (the request must name them all), so none is chained in; a
+        # repeated tool gets other values (the same call twice would be one call).
+        arguments = draw_arguments(tool, rng, ctx)
+        for _ in range(8):
+            if arguments is None or all(c.arguments != arguments for c in calls if c.tool == tool.name):
+                break
+            arguments = draw_arguments(tool, rng)
+        if arguments is None:
+            ctx.update({k: v for k, v in known.items() if k in _params(tool)})
+            arguments = sampler.sample(tool.input_schema, tool.input_schema, ctx)
         used = {json.dumps(v) for _, v in _scalars(arguments)}
         op, entity = tool_effect(tool.name)
         if calls and (used & turn_outputs or entity in turn_writes):
@@ -176,7 +193,7 @@ def run_plan(tools: list[ToolSpec], simulator: ToolSimulator, seed: int, config:
                     returned.add(text)
                     turn_outputs.add(text)
                 known[key] = value
-        if op in ("create", "update", "delete"):
+        if op in ("create", "update", "delete") and not open_world(tool):  # open world: each call its own record
             turn_writes.add(entity)
     state = json.loads(json.dumps(episode.state()))
     return calls, state, ""
@@ -234,8 +251,23 @@ def plan_rubric(calls: list[PlanCall]) -> Rubric:
     return Rubric(criteria, expected, order_matters, checkpoints, "plan")
 
 
-def template_request(calls: list[PlanCall], tools: dict[str, ToolSpec]) -> str:
-    """A plain request naming every value the user supplies (used when the LLM's request misses some)."""
+_THEN = (" Also, ", " Then ", " And ", " After that, ", " Next, ", " ")
+
+
+def template_request(calls: list[PlanCall], tools: dict[str, ToolSpec], seed: int = 0) -> str:
+    """A request naming every value the user supplies: the catalog tools' own asks, filled; else a plain one.
+
+    Used when there is no LLM, or when the LLM's request misses a value.
+    """
+    rng = random.Random(seed)
+    steps = _steps(calls)
+    rendered = [render_ask(tools[c.tool], c.arguments, rng) if asks(tools[c.tool]) else None for c in steps]
+    if steps and all(rendered):
+        text = rendered[0]
+        for part in rendered[1:]:
+            joint = rng.choice(_THEN)
+            text += joint + (part[0].lower() + part[1:] if joint.strip() and not part.startswith("I ") else part)
+        return text
     parts = []
     returned: set[str] = set()
     for call in _steps(calls):
@@ -273,6 +305,8 @@ def _request_prompt(calls: list[PlanCall], tools: dict[str, ToolSpec], values: l
 async def write_request(llm: Any, calls: list[PlanCall], tools: dict[str, ToolSpec], config: TasksSection,
                         seed: int) -> tuple[str, str, list[str], str]:
     """(request, "llm" | "template", LLM success criteria, note): asked, checked for the values, re-asked once."""
+    if llm is None:
+        return template_request(calls, tools, seed), "template", [], "no LLM (llm.enabled = false)"
     values = user_values(calls)
     missing: list[str] = []
     note = ""
@@ -290,7 +324,7 @@ async def write_request(llm: Any, calls: list[PlanCall], tools: dict[str, ToolSp
             criteria = [" ".join(c.split()) for c in reply.get("success_criteria", []) if c.strip()][:5]
             return request, "llm", criteria, ""
         note = f"LLM request left out {', '.join(json.dumps(v) for v in missing)[:200]}"
-    return template_request(calls, tools), "template", [], note
+    return template_request(calls, tools, seed), "template", [], note
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,10 +336,14 @@ def plan_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFac
     """Draw and run gold plans until one runs cleanly (synchronous: real tools block); the task without language."""
     own = [tools[name] for name in agent.tools]
     rng = random.Random(seed)
+    if rng.random() < config.out_of_scope_rate:
+        task = out_of_scope_task(agent, tools, simulators, task_id, seed, rng)
+        if task is not None:
+            return task
     problems = []
     for attempt in range(config.plan_attempts):
         plan_seed = seed * 1000 + attempt
-        chosen = draw_plan(own, complexity, rng)
+        chosen = draw_plan(own, complexity, rng, config.repeat_rate)
         calls, state, problem = run_plan(chosen, simulators(own, plan_seed), plan_seed, config, rng)
         if not problem:
             return Task(task_id, agent.agent_id, agent.domain, complexity, plan_seed, True, "", calls, state,
@@ -315,8 +353,38 @@ def plan_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFac
                 f"no clean gold plan in {config.plan_attempts} draws; last: {problems[-1]}", calls, state)
 
 
+OUT_OF_SCOPE = "out of scope"
+
+
+def out_of_scope_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFactory, task_id: str,
+                      seed: int, rng: random.Random) -> Task | None:
+    """A task whose request only a tool of another category could serve: the gold answer makes no call and says so.
+
+    The request is a catalog tool's ask; None when the repository has no such tool (then a plan is drawn instead).
+    """
+    category = agent.domain.split("/", 1)[0]
+    foreign = [t for name, t in tools.items() if asks(t) and name not in agent.tools
+               and t.source.removeprefix("synthetic:").split("/", 1)[0] != category]
+    if not foreign:
+        return None
+    tool = rng.choice(foreign)
+    arguments = draw_arguments(tool, rng)
+    request = render_ask(tool, arguments or {}, rng)
+    if request is None:
+        return None
+    own = [tools[name] for name in agent.tools]
+    state = json.loads(json.dumps(simulators(own, seed).new_episode(seed).state()))
+    rubric = plan_rubric([])
+    rubric = Rubric([f"The assistant makes no tool call and tells the user that none of its tools can do this "
+                     f"(it would take a tool like {tool.name}).", *rubric.success_criteria], [], False, [], "plan")
+    return Task(task_id, agent.agent_id, agent.domain, 0, seed, True, "", [], state, request, "template",
+                f"{OUT_OF_SCOPE}: asks what {tool.name} does", rubric)
+
+
 async def write_task(llm: Any, task: Task, tools: dict[str, ToolSpec], config: TasksSection) -> Task:
-    """Add the request and the rubric to a planned task."""
+    """Add the request and the rubric to a planned task (an out-of-scope task has both already)."""
+    if task.rubric is not None:
+        return task
     request, source, criteria, note = await write_request(llm, task.calls, tools, config, task.seed)
     rubric = plan_rubric(task.calls)
     if criteria:  # the LLM's criteria lead; the plan's stay, they are the precise ones

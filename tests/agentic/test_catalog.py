@@ -1,0 +1,116 @@
+"""The built-in tool catalog and the LLM-free synthesis run it makes possible (paper §3.1.1, programmatic stages)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from openk2.agentic.catalog import draw_arguments, load_catalog, placeholders, render_ask, say
+from openk2.agentic.config import load_synth_config
+from openk2.agentic.episode import REFUSALS
+from openk2.agentic.evolve import save_tools
+from openk2.agentic.pipeline import run_synth
+from openk2.agentic.simulate import ToolSimulator
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_the_shipped_catalog_is_complete_and_every_ask_can_be_filled() -> None:
+    tools = load_catalog()
+    assert len(tools) >= 200
+    assert len({t.name for t in tools}) == len(tools)
+    assert len({t.source for t in tools}) >= 30  # domains
+    rng = random.Random(0)
+    for tool in tools:
+        required = set(tool.input_schema["required"])
+        for ask in tool.raw["asks"]:
+            named = {p for p, _ in placeholders(ask)}
+            assert required <= named, (tool.name, ask)
+        for _ in range(3):
+            arguments = draw_arguments(tool, rng)
+            jsonschema.validate(arguments, tool.input_schema)
+            assert render_ask(tool, arguments, rng)
+
+
+def test_a_request_names_exactly_the_values_of_its_call() -> None:
+    tools = {t.name: t for t in load_catalog(DATA / "catalog_tools.jsonl")}
+    rng = random.Random(1)
+    seen_flag = seen_without_unit = False
+    for _ in range(200):
+        tool = tools[rng.choice(sorted(tools))]
+        arguments = draw_arguments(tool, rng)
+        text = render_ask(tool, arguments, rng)
+        assert "{" not in text and "}" not in text
+        for name, value in arguments.items():
+            if value is True:  # a flag shows its words instead of a value
+                seen_flag = True
+                assert "breakfast included" in text
+            else:
+                assert say(value) in text, (text, name, value)
+        seen_without_unit |= tool.name == "circle_area" and "unit" not in arguments
+    assert seen_flag and seen_without_unit  # optional params come and go with the ask that names them
+    assert say([3, 5, 7]) == "3, 5 and 7" and say(2.5) == "2.5" and say("Oslo") == "Oslo"
+
+
+def test_a_catalog_entry_naming_an_unknown_parameter_is_reported_with_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "catalog_tools.jsonl"
+    lines = (DATA / "catalog_tools.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace("Average {numbers}", "Average {values}")
+    bad.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=r"catalog_tools.jsonl:2: .*'values'"):
+        load_catalog(bad, DATA / "catalog_values.json")
+
+
+def test_catalog_tools_live_in_an_open_world() -> None:
+    """A catalog user names records the service holds (a booking reference): found, not "no booking matches"."""
+    tools = {t.name: t for t in load_catalog(DATA / "catalog_tools.jsonl")}
+    result = ToolSimulator(list(tools.values()), seed=0).new_episode(0).call("cancel_booking", {"booking_id": "BK-1"})
+    assert not result.is_error or result.outcome != "success"
+
+
+def _offline_config(run_dir: Path, tools_path: Path, *overrides: str):
+    return load_synth_config("configs/synth_calls.toml", [
+        f"run_dir={json.dumps(str(run_dir))}", f"tools.path={json.dumps(str(tools_path))}", "tools.catalog=false",
+        "agents.count=6", "tasks.count=60", "tasks.out_of_scope_rate=0.25", "episodes.system_prompt_rate=0.5",
+        *overrides])
+
+
+def test_a_run_without_an_llm_makes_single_parallel_and_out_of_scope_trajectories(tmp_path: Path) -> None:
+    tools_path = tmp_path / "tools.jsonl"
+    save_tools(load_catalog(DATA / "catalog_tools.jsonl"), tools_path)
+    stats = asyncio.run(run_synth(_offline_config(tmp_path / "run", tools_path), progress=False, log=lambda s: None))
+    assert stats["llm_usage"] == {}
+    assert stats["output"]["sft"] >= 50
+    records = [json.loads(line) for line in (tmp_path / "run" / "sft.jsonl").read_text().splitlines()]
+    first_calls = []
+    for record in records:
+        messages = record["messages"]
+        user = next(m for m in messages if m["role"] == "user")
+        assert "{" not in user["content"]
+        assistant = messages[messages.index(user) + 1]
+        first_calls.append(assistant.get("tool_calls") or [])
+        declared = {t["function"]["name"] for t in record["tools"]}
+        for call in first_calls[-1]:
+            assert call["function"]["name"] in declared
+            for value in json.loads(call["function"]["arguments"]).values():
+                assert value is True or say(value) in user["content"]  # the user said every value
+    assert any(not calls for calls in first_calls)  # out of scope: answered in words
+    assert any(len(calls) > 1 and len({c["function"]["name"] for c in calls}) == 1 for calls in first_calls)
+    assert any(len({c["function"]["name"] for c in calls}) > 1 for calls in first_calls)
+    assert any(r["messages"][0]["role"] == "system" for r in records)
+    assert any(r["messages"][0]["role"] == "user" for r in records)
+    refusals = [r for r, calls in zip(records, first_calls, strict=True) if not calls]
+    openings = tuple(text.split("{", 1)[0] for text in REFUSALS)
+    assert all(r["messages"][-1]["content"].startswith(openings) for r in refusals)
+
+
+def test_no_llm_needs_every_stage_programmatic(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="judge.llm = false"):
+        load_synth_config("configs/synth_calls.toml", ["judge.llm=true"])
+    with pytest.raises(ValueError, match="tools.synthetic = false"):
+        load_synth_config("configs/synth_calls.toml", ["tools.synthetic=true"])
