@@ -12,6 +12,7 @@ Read top to bottom: cache layer -> cache -> masks -> HFEngine.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,6 +154,8 @@ class HFEngine:
             AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
             model.set_attn_implementation(GQA_SDPA)
         self.cache = SlotCache(config.num_hidden_layers, max_batch, max_seq_len)
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); take the name this version has
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lengths = [0] * max_batch  # tokens cached per slot; 0 = empty
 
     @classmethod
@@ -245,10 +248,14 @@ class HFEngine:
             if self.window is not None:
                 mask["sliding_attention"] = self._mask(slot_mask(positions, kv_len, self.window))
         keep = keep.to(dev) if isinstance(keep, torch.Tensor) else keep
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions, cache=self.cache,
-                         use_cache=True, logits_to_keep=keep)
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{self._cache_arg: self.cache})
         self.cache.step = None
-        return out.logits[:, -1].float()
+        logits = out.logits
+        if logits.dim() == 4:  # older transformers index every row with the whole (B, 1) keep: (B, B, 1, V)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logits = logits[rows, rows]  # (B, 1, V): each row at its own position
+        return logits[:, -1].float()
 
     def _mask(self, visible: torch.Tensor) -> torch.Tensor:
         if not self._float_mask:
