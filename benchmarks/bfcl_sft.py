@@ -157,11 +157,11 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # the server ends its scheduler and uvicorn on SIGTERM
             try:
-                self.proc.wait(30)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                print(f"  server {self.proc.pid} did not stop in 30 s after SIGTERM: killed", flush=True)
+                print(f"  server {self.proc.pid} did not stop in 10 s after SIGTERM: killed", flush=True)
         self._close_log()
 
     def _close_log(self) -> None:
@@ -263,11 +263,16 @@ def eval_stage(args: argparse.Namespace, model: Path, name: str, out: Path, stag
             print(f"  --- tail of {serve_log}", flush=True)
             print(log_tail(serve_log, 20), flush=True)
             raise
-    summary = json.loads((eval_dir / "summary.json").read_text())
+    return read_eval_summary(eval_dir / "summary.json")
+
+
+def read_eval_summary(path: Path) -> dict[str, Any]:
+    """What results.json keeps of an `openk2 eval bfcl` summary.json."""
+    summary = json.loads(path.read_text())
     return {"mean_accuracy": summary["mean_accuracy"], "endpoint_config": summary["config"],
             "categories": {c["category"]: {k: c[k] for k in ("items", "correct", "accuracy", "error_types")}
                            for c in summary["categories"]},
-            "dir": str(eval_dir)}
+            "dir": str(path.parent)}
 
 
 def sft_stage(args: argparse.Namespace, sets: list[str], out: Path, stage: Stage) -> dict[str, Any]:
@@ -445,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="first N items per BFCL category (default: all)")
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES, metavar="CATEGORY")
     p.add_argument("--skip-before", action="store_true", help="do not evaluate the base model")
+    p.add_argument("--before", metavar="SUMMARY_JSON",
+                   help="reuse an earlier `openk2 eval bfcl` summary.json of the base model instead of evaluating it")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight; also the server's --max-batch")
     p.add_argument("--max-tokens", type=int, default=512, help="per BFCL reply")
     p.add_argument("--max-seq-len", type=int, default=2048, help="server context per slot (prompts are <1k tokens)")
@@ -546,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None and steps is None:
         print("  --epochs needs the data stage; sft runs with the config's train.steps", file=sys.stderr)
 
-    if not args.skip_before:
+    if args.before:  # the base model's eval from an earlier run (it does not change): its summary.json
+        results["before"] = {**read_eval_summary(Path(args.before)), "reused": args.before}
+    elif not args.skip_before:
         results["before"] = run_stage("before", lambda st: eval_stage(args, model, "base", out, st))
 
     if "data_path" in results:

@@ -80,15 +80,23 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
 
 def _eval_bfcl(args: argparse.Namespace) -> int:
-    from openk2.eval.bfcl import CATEGORIES, evaluate_bfcl, format_table, write_report
+    from openk2.eval.bfcl import CATEGORIES, BfclReport, evaluate_bfcl, format_table, write_report
     from openk2.eval.tool_calls import Endpoint
 
     categories = args.categories or list(CATEGORIES)
-    report = evaluate_bfcl(Endpoint(args.endpoint, args.api_key, args.timeout), args.model, categories, args.limit,
-                           concurrency=args.concurrency, temperature=args.temperature, max_tokens=args.max_tokens)
     config = {"endpoint": args.endpoint, "model": args.model, "categories": categories, "limit": args.limit,
               "concurrency": args.concurrency, "temperature": args.temperature, "max_tokens": args.max_tokens}
-    out = write_report(report, args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S")), config)
+    out_dir = args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+
+    def progress(report: BfclReport) -> None:  # written after every category: a stopped run keeps what it did
+        write_report(report, out_dir, config)
+        last = report.scores[-1]
+        print(f"{last.category}: {100 * last.accuracy:.1f}% of {last.items}", flush=True)
+
+    report = evaluate_bfcl(Endpoint(args.endpoint, args.api_key, args.timeout), args.model, categories, args.limit,
+                           concurrency=args.concurrency, temperature=args.temperature, max_tokens=args.max_tokens,
+                           on_category=progress)
+    out = write_report(report, out_dir, config)
     print(format_table(report))
     print(f"results: {out}/results.jsonl  (summary.json, plots/)")
     return 0

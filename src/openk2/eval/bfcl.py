@@ -19,6 +19,7 @@ import copy
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -198,21 +199,27 @@ async def _evaluate(endpoint: Endpoint, model: str, items: list[BfclItem], packa
 
 def evaluate_bfcl(endpoint: Endpoint, model: str, categories: tuple[str, ...] | list[str] = CATEGORIES,
                   limit: int | None = None, *, concurrency: int = 4, temperature: float = 0.0,
-                  max_tokens: int = 512) -> BfclReport:
-    """Ask MODEL at ENDPOINT every item of CATEGORIES (the first LIMIT of each); score with BFCL's checker."""
+                  max_tokens: int = 512, on_category: Callable[[BfclReport], None] | None = None) -> BfclReport:
+    """Ask MODEL at ENDPOINT every item of CATEGORIES (the first LIMIT of each); score with BFCL's checker.
+
+    Categories run one after the other; `on_category` gets the report so far after each (the CLI writes it, so a
+    run stopped early keeps the categories it finished).
+    """
     if not categories:
         raise ValueError("no BFCL categories given")
     package = load_bfcl()
-    items = [item for c in categories for item in load_category(c, limit, package)]
-    verdicts = asyncio.run(_evaluate(endpoint, model, items, package, concurrency=concurrency,
-                                     temperature=temperature, max_tokens=max_tokens))
-    scores = []
+    scores: list[CategoryScore] = []
+    verdicts: list[BfclVerdict] = []
     for c in categories:
-        mine = [v for v in verdicts if v.category == c]
+        mine = asyncio.run(_evaluate(endpoint, model, load_category(c, limit, package), package,
+                                     concurrency=concurrency, temperature=temperature, max_tokens=max_tokens))
         correct = sum(v.valid for v in mine)
         errors = Counter(v.error_type for v in mine if not v.valid)
         scores.append(CategoryScore(category=c, items=len(mine), correct=correct, accuracy=correct / len(mine),
                                     error_types=dict(errors.most_common())))
+        verdicts += mine
+        if on_category is not None:
+            on_category(BfclReport(scores=list(scores), verdicts=list(verdicts)))
     return BfclReport(scores=scores, verdicts=verdicts)
 
 

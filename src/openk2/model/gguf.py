@@ -80,7 +80,10 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, dtype
     tensors = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=model, torch_dtype=dtype)
     _load_strict(model, tensors["tensors"], gguf_file)
 
-    # generation defaults from the tokenizer: the GGUF's EOS is the end of an assistant turn (<|im_end|> for SmolLM2)
+    # The GGUF's EOS (tokenizer.ggml.eos_token_id, in config.eos_token_id) is the end of an assistant turn
+    # (<|im_end|> for SmolLM2); some transformers versions (5.17) give the tokenizer another one: the file's wins.
+    if isinstance(config.eos_token_id, int) and tokenizer.eos_token_id != config.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.bos_token_id = tokenizer.bos_token_id
