@@ -12,7 +12,7 @@ from openk2.data.sft_sample import sample_conversations
 from openk2.data.tokenizer import load_tokenizer
 from openk2.optim import MuonClip
 from openk2.train.run import read_metrics
-from openk2.train.sft import enable_max_logit_recording, load_sft_config, sft
+from openk2.train.sft import add_chat_tokens, enable_max_logit_recording, load_sft_config, sft
 from tests.train.conftest import MICRO_MODEL, openk2_cli, sets
 from tests.train.test_pretrain import losses, run_to_end, wait_for_step
 
@@ -119,3 +119,19 @@ def test_smollm2_learns_k2_tool_calls(tmp_path, smollm2_dir):
     assert tokenizer.token_to_id("<|tool_call_begin|>") >= 49152  # added, and the embeddings grew to hold it
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == tokenizer.vocab_size
     print(f"SmolLM2 SFT: {summary['counters']['tokens'] / summary['seconds']:.0f} tokens/s")
+
+
+def test_added_chat_tokens_start_from_their_names_not_from_one_mean(smollm2_dir):
+    """Each new marker's row is the mean of its name's pieces: distinct markers, near the words that name them."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    added = add_chat_tokens(tokenizer, model)
+    assert "<|tool_call_end|>" in added and model.get_input_embeddings().weight.shape[0] == tokenizer.vocab_size
+    rows = {t: tokenizer.token_to_id(t) for t in added}
+    for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        new = table[list(rows.values())]
+        assert torch.cdist(new, new).add(torch.eye(len(rows)) * 1e9).min() > 1e-3  # pairwise distinct
+        pieces = tokenizer.backend.encode(" tool call end", add_special_tokens=False).ids
+        torch.testing.assert_close(table[rows["<|tool_call_end|>"]], table[pieces].mean(dim=0))

@@ -13,7 +13,7 @@ recording and eager attention that records each head's max logit when training. 
 after the projections (Qwen3's q_norm) cannot be clipped that way: MuonClip refuses it, use optim.name = "adamw".
 
 K2's chat format on a model whose tokenizer lacks K2's markers (SmolLM2): with `data.add_chat_tokens` they are added
-as special tokens and the embeddings grow to hold them (transformers' mean-initialised resize); the checkpoint's
+as special tokens and the embeddings grow to hold them, each new row the mean of its name's pieces; the checkpoint's
 tokenizer then carries K2's chat template, so `openk2 serve --model RUN_DIR` renders and parses K2 tool calls.
 """
 
@@ -133,8 +133,30 @@ def add_chat_tokens(tokenizer: Tokenizer, model: torch.nn.Module) -> list[str]:
     tokenizer.backend.add_special_tokens(missing)
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer.vocab_size > rows:
-        model.resize_token_embeddings(tokenizer.vocab_size)
+        model.resize_token_embeddings(tokenizer.vocab_size, mean_resizing=False)
+    init_from_names(tokenizer, model, missing)
     return missing
+
+
+def init_from_names(tokenizer: Tokenizer, model: torch.nn.Module, tokens: list[str]) -> None:
+    """Each new token's input and output rows = the mean of the rows of its name's pieces ("tool call end").
+
+    Mean-of-vocabulary rows (transformers' default) start every new marker at nearly the same vector, and a short
+    fine-tune then confuses them: SmolLM2 after 41 CPU steps wrote <|tool_call_end|> wherever any marker belonged.
+    Rows from the names start them apart, each near words that say what it marks.
+    """
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():  # untied head
+        tables.append(output.weight)
+    with torch.no_grad():
+        for token in tokens:
+            name = token.strip("<|>").replace("_", " ").replace("im ", "")  # "<|im_user|>" -> "user"
+            pieces = [i for i in tokenizer.backend.encode(" " + name, add_special_tokens=False).ids
+                      if i < tables[0].shape[0] and tokenizer.backend.id_to_token(i) not in tokens]
+            row = tokenizer.backend.token_to_id(token)
+            for table in tables:
+                table[row] = table[pieces].mean(dim=0)
 
 
 def sft_template(cfg: SFTDataSection, model_dir: Path | None) -> ChatTemplate:
@@ -173,30 +195,39 @@ def tokenizer_for_preset(cfg: SFTDataSection, paths: list[Path], template: ChatT
 
 
 def _recording_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """sdpa, or while `module.record_max_logits` in a training forward eager attention keeping per-head S_max."""
+    """sdpa; while `module.record_max_logits` in a training forward, also each head's S_max (spec §2).
+
+    The logits for S_max are recomputed without autograd, one sequence at a time, so recording keeps nothing for the
+    backward pass and holds at most one (heads, Tq, Tk) block: the attention itself stays sdpa (fused, no (B, heads,
+    T, T) probabilities saved), which on CPU is the difference between fitting in memory or not.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not (getattr(module, "record_max_logits", False) and torch.is_grad_enabled()):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    groups = query.shape[1] // key.shape[1]  # GQA: each KV head serves `groups` query heads
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    logits = (query @ key.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
-    if attention_mask is None:  # transformers skipped the mask: plain causal
-        Tq, Tk = logits.shape[-2:]
-        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask
-    else:  # an additive float mask
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    with torch.no_grad():
-        batch_max = logits.amax(dim=(-2, -1)).float().amax(dim=0)  # (nh,)
-        module.max_logits = batch_max if module.max_logits is None else torch.maximum(module.max_logits, batch_max)
-    probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return (probs @ value).transpose(1, 2).contiguous(), None  # (B, T, nh, d) as transformers expects
+    if getattr(module, "record_max_logits", False) and torch.is_grad_enabled():
+        with torch.no_grad():
+            batch_max = _head_max_logits(query, key, attention_mask, scaling)
+            module.max_logits = batch_max if module.max_logits is None else torch.maximum(module.max_logits, batch_max)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _head_max_logits(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float | None) -> torch.Tensor:
+    """(heads,) max over the batch of each query head's scaled, unmasked logits; GQA groups share their KV head."""
+    B, nh, Tq, d = query.shape
+    nkv, Tk = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else d ** -0.5
+    out = torch.full((nh,), float("-inf"), device=query.device)
+    for b in range(B):
+        q = query[b].reshape(nkv, nh // nkv, Tq, d)
+        logits = (q @ key[b].transpose(-2, -1).unsqueeze(1)).float().mul_(scale).reshape(nh, Tq, Tk)
+        if attention_mask is None:  # transformers skipped the mask: plain causal
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+        else:
+            mask = attention_mask[b if attention_mask.shape[0] > 1 else 0]
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        out = torch.maximum(out, logits.masked_fill_(~allowed, float("-inf")).amax(dim=(-2, -1)))
+    return out
 
 
 def _reset_max_logits(module) -> None:
