@@ -22,6 +22,14 @@
 # SMOKE=0 makes stage1 stage only (the smoke test passed on an H200 on 2026-11-27). Runs without a GPU too (on cpu,
 # slowly), which is how it is tested.
 #
+# Prepare here once (ignored folders; add /.whl/ /.gguf_a/ /.gguf_b/ /.bfcl_data/ to .git/info/exclude):
+#   wheels:  python3 -m pip download ... -d .whl -r benchmarks/bfcl_sft_wheels.txt  (the full line is in that file)
+#   GGUF:    f=$(.venv/bin/python -c 'from openk2.model.gguf import smollm2_gguf_path as p; print(p())')
+#            mkdir -p .gguf_a .gguf_b; half=$(( ($(stat -c %s "$f") + 1) / 2 ))
+#            head -c $half "$f" > .gguf_a/part; tail -c +$((half + 1)) "$f" > .gguf_b/part; sha256sum "$f" > .gguf_a/sha256
+#   data:    .venv/bin/openk2 synth configs/synth_calls.toml --set run_dir=runs/synth-calls; mkdir -p .bfcl_data
+#            gzip -c runs/synth-calls/sft.jsonl > .bfcl_data/sft.jsonl.gz; cp runs/synth-calls/usage.json .bfcl_data/
+#
 # The next lent session (the base model's eval is done: reuse it; one epoch and a half reach val loss ~0.03):
 #   run 1, carry [.whl, .gguf_a]:         OUT=$OUT SMOKE=0 bash benchmarks/bfcl_sft_device.sh stage1
 #   run 2 at once, carry [.gguf_b, .bfcl_data]:
