@@ -270,7 +270,7 @@ def template_request(calls: list[PlanCall], tools: dict[str, ToolSpec], seed: in
         return text
     parts = []
     returned: set[str] = set()
-    for call in _steps(calls):
+    for call in steps:
         own = [(k, v) for k, v in call.arguments.items() if json.dumps(v) not in returned]
         said = ", ".join(f"{k.replace('_', ' ')} {v if isinstance(v, str) else json.dumps(v)}" for k, v in own)
         what = call.tool.replace("_", " ")
@@ -353,9 +353,6 @@ def plan_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFac
                 f"no clean gold plan in {config.plan_attempts} draws; last: {problems[-1]}", calls, state)
 
 
-OUT_OF_SCOPE = "out of scope"
-
-
 def out_of_scope_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFactory, task_id: str,
                       seed: int, rng: random.Random) -> Task | None:
     """A task whose request only a tool of another category could serve: the gold answer makes no call and says so.
@@ -378,7 +375,7 @@ def out_of_scope_task(agent: Agent, tools: dict[str, ToolSpec], simulators: Simu
     rubric = Rubric([f"The assistant makes no tool call and tells the user that none of its tools can do this "
                      f"(it would take a tool like {tool.name}).", *rubric.success_criteria], [], False, [], "plan")
     return Task(task_id, agent.agent_id, agent.domain, 0, seed, True, "", [], state, request, "template",
-                f"{OUT_OF_SCOPE}: asks what {tool.name} does", rubric)
+                f"out of scope: asks what {tool.name} does", rubric)
 
 
 async def write_task(llm: Any, task: Task, tools: dict[str, ToolSpec], config: TasksSection) -> Task:

@@ -8,8 +8,8 @@ bit-exact resume (`openk2.train.pretrain.train_loop`). Packed rows never attend 
 which transformers turns into a block-diagonal causal mask (eager and sdpa alike).
 
 QK-Clip on transformers models: their q_proj/k_proj attention (Llama, Qwen2, Mistral, SmolLM2, ...) is given the
-S_max recording protocol of `openk2.optim.qk_clip` through a registered attention function, `sdpa` when not
-recording and eager attention that records each head's max logit when training. Attention that normalises q or k
+S_max recording protocol of `openk2.optim.qk_clip` through a registered attention function: `sdpa` always, plus,
+when recording, each head's max logit recomputed without autograd. Attention that normalises q or k
 after the projections (Qwen3's q_norm) cannot be clipped that way: MuonClip refuses it, use optim.name = "adamw".
 
 K2's chat format on a model whose tokenizer lacks K2's markers (SmolLM2): with `data.add_chat_tokens` they are added
