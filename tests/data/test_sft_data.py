@@ -17,7 +17,7 @@ from openk2.data.sft import (
     tokenize_conversation,
 )
 from openk2.data.sft_sample import TOOLS, sample_conversations
-from openk2.data.tokenizer import train_tokenizer
+from openk2.data.tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer
 from openk2.train.sft import packed_loss
 
 CONVERSATION = {"tools": TOOLS[:2], "messages": [
@@ -68,7 +68,31 @@ def test_loss_mask_token_by_token(k2_tokenizer):
                                  (pieces[at + 3][0], True)]
     tool_turn = next(i for i, (t, _) in enumerate(pieces) if t == "##")
     assert not any(m for _, m in pieces[tool_turn - 3:tool_turn + 12])  # "## Return of functions.get_weather:0 ..."
-    assert example.straddling == 0  # K2's boundaries are special tokens
+
+
+def test_the_prompt_is_tokenised_as_a_server_tokenises_it():
+    """With K2's markers as plain text, a BPE merges `<|im_middle|>` into the reply's `<|tool...` (a `|><` token) when
+    the whole text is tokenised at once. Each assistant turn must instead start where generation starts: the ids
+    before it are exactly the ids of its prompt (generation prompt included) tokenised alone."""
+    k2 = ChatTemplate.k2()
+    texts = [k2.render(c["messages"], c.get("tools")) for c in sample_conversations(64)]
+    plain = train_tokenizer(texts, vocab_size=700, special_tokens=[BOS_TOKEN, EOS_TOKEN], progress=False)
+    messages, tools = json.loads(json.dumps(CONVERSATION["messages"])), CONVERSATION["tools"]
+    messages[2]["content"] = None  # the reply opens with `<|tool_calls_section_begin|>`
+    whole = plain.encode(k2.render(messages, tools))
+    assert any(plain.decode([i]).startswith("|><") for i in whole)  # the trap is real for this tokenizer
+
+    example = tokenize_conversation(messages, tools, k2, plain)
+    assert plain.decode(example.ids) == k2.render(messages, tools)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    starts = [t for t in range(1, len(example.ids)) if example.loss_mask[t] and not example.loss_mask[t - 1]]
+    assert len(starts) == len(turns) == 2
+    first_prompt = plain.encode(k2.render(messages[:turns[0]], tools, add_generation_prompt=True))
+    assert example.ids[:starts[0]] == first_prompt
+    assert plain.decode(example.ids[starts[0]:starts[0] + 2]).startswith("<|tool")
+    # the later turn's prompt ends with the same header tokens as its own tokenisation
+    second_prompt = plain.encode(k2.render(messages[:turns[1]], tools, add_generation_prompt=True))
+    assert example.ids[starts[1] - 3:starts[1]] == second_prompt[-3:]
 
 
 def test_jinja_template_masks_only_the_assistant_turns():

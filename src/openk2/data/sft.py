@@ -6,11 +6,13 @@ A conversation is rendered by a `ChatTemplate` (K2's format by default) into seg
 exactly where the assistant generates: its text, its tool calls and the end of its turn. System, user and tool
 turns, the tool declaration and every turn header carry none.
 
-Tokenisation is exact for any tokenizer: the whole rendered text is tokenised once, with character offsets, so the
-ids are those of the full text, and a token carries loss when its last character lies in a trainable segment. In
-K2's format every segment boundary is a special token, so no token straddles one; with a Jinja template a token may
-(ChatML's header newline merged with the answer's first characters by some pre-tokenizers): such tokens are counted
-in `Example.straddling`, and they carry loss since they end in text the assistant writes.
+Tokenisation matches what a served model sees: the text is tokenised in pieces cut wherever the loss mask changes,
+so the prompt before each assistant turn is tokenised on its own, as a server tokenises it before generating, and the
+assistant's text starts at a token boundary, as generated text does. Tokenising the whole text at once could merge the
+end of the prompt with the start of the reply (with K2's markers as plain text, SmolLM2's BPE writes `<|im_middle|>`
++ `<|tool_calls_section_begin|>` with a `|><` token) and teach a first token that never follows a real prompt: a
+model trained so answered every BFCL item in prose (benchmarks/RESULTS.md). Byte-level BPE, the field's default, adds
+nothing at the start of a piece; a tokenizer that prepends a space to every text would need a different cut.
 
 Every line that cannot be trained on is reported as `path:line: reason` (malformed JSON, a schema error, a tool
 call naming an undeclared tool, a tool result answering no call, more tokens than `seq_len`, nothing to train on):
@@ -24,7 +26,6 @@ all padding carry no loss, so a packed row's loss is the token-weighted mean of 
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -64,7 +65,6 @@ class Example:
     ids: list[int]
     loss_mask: list[bool]  # loss_mask[t]: token t is a training target (predicted from tokens < t)
     source: str  # path:line
-    straddling: int = 0  # tokens that begin before a trainable segment and end inside it
 
     @property
     def trained_tokens(self) -> int:
@@ -126,24 +126,22 @@ def check_conversation(record: Any) -> tuple[list[dict], list[dict] | None]:
 
 def tokenize_conversation(messages: list[dict], tools: list[dict] | None, template: ChatTemplate,
                           tokenizer: Tokenizer, source: str = "") -> Example:
-    """Render with `template`, tokenise the whole text with offsets, mark tokens ending in assistant text."""
-    segments = template.segments(messages, tools)
-    text = "".join(s.text for s in segments)
-    starts, trainable, at = [], [], 0  # segment start offsets and flags, for a bisect per token
-    for s in segments:
-        starts.append(at)
-        trainable.append(s.trainable)
-        at += len(s.text)
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    mask, straddling = [], 0
-    for start, end in encoding.offsets:
-        last = bisect.bisect_right(starts, max(start, end - 1)) - 1
-        first = bisect.bisect_right(starts, start) - 1
-        mask.append(trainable[last])
-        straddling += trainable[last] and not trainable[first]
+    """Render with `template` and tokenise it in runs of segments of equal trainability (see the module doc)."""
+    runs: list[tuple[str, bool]] = []
+    for s in template.segments(messages, tools):
+        if runs and runs[-1][1] == s.trainable:
+            runs[-1] = (runs[-1][0] + s.text, s.trainable)
+        else:
+            runs.append((s.text, s.trainable))
+    ids: list[int] = []
+    mask: list[bool] = []
+    for (_, trainable), encoding in zip(runs, tokenizer.backend.encode_batch([t for t, _ in runs],
+                                                                             add_special_tokens=False), strict=True):
+        ids += encoding.ids
+        mask += [trainable] * len(encoding.ids)
     if mask:
         mask[0] = False  # nothing before it in its row predicts it
-    return Example(ids=list(encoding.ids), loss_mask=mask, source=source, straddling=straddling)
+    return Example(ids=ids, loss_mask=mask, source=source)
 
 
 def read_chat_jsonl(paths: Iterable[str | os.PathLike], tokenizer: Tokenizer, template: ChatTemplate, seq_len: int,
