@@ -212,7 +212,8 @@ def evaluate_bfcl(endpoint: Endpoint, model: str, categories: tuple[str, ...] | 
     verdicts: list[BfclVerdict] = []
     for c in categories:
         mine = asyncio.run(_evaluate(endpoint, model, load_category(c, limit, package), package,
-                                     concurrency=concurrency, temperature=temperature, max_tokens=max_tokens))
+                                     concurrency=concurrency, temperature=temperature, max_tokens=max_tokens,
+                                     desc=c))
         correct = sum(v.valid for v in mine)
         errors = Counter(v.error_type for v in mine if not v.valid)
         scores.append(CategoryScore(category=c, items=len(mine), correct=correct, accuracy=correct / len(mine),

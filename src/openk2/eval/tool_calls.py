@@ -29,6 +29,7 @@ from typing import Any
 
 import jsonschema
 import openai
+from tqdm import tqdm
 
 # the K2 chat template's tool-call section markers (spec §4): in the text of a reply they mean the server's tool
 # parser did not recognise a call the model made
@@ -151,11 +152,15 @@ _FATAL = (openai.APIConnectionError, openai.AuthenticationError, openai.Permissi
 
 
 async def ask_all(client: openai.AsyncOpenAI, model: str, requests: list[tuple[list[dict], list[dict]]], *,
-                  concurrency: int = 4, temperature: float = 0.0, max_tokens: int = 512) -> list[ModelReply]:
-    """One chat completion per (messages, tools), at most CONCURRENCY in flight; replies in request order."""
+                  concurrency: int = 4, temperature: float = 0.0, max_tokens: int = 512,
+                  desc: str | None = None) -> list[ModelReply]:
+    """One chat completion per (messages, tools), at most CONCURRENCY in flight; replies in request order.
+
+    With `desc`, a progress bar of that name counts the replies (a CPU-served eval takes minutes)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(requests), desc=desc, unit="reply", disable=desc is None, leave=False)
 
     async def ask(messages: list[dict], tools: list[dict]) -> ModelReply:
         kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature,
@@ -177,12 +182,19 @@ async def ask_all(client: openai.AsyncOpenAI, model: str, requests: list[tuple[l
                  for c in (choice.message.tool_calls or []) if getattr(c, "function", None) is not None]
         return ModelReply(choice.message.content, calls, choice.finish_reason)
 
+    async def counted(messages: list[dict], tools: list[dict]) -> ModelReply:
+        reply = await ask(messages, tools)
+        bar.update(1)
+        return reply
+
     try:
         # a TaskGroup cancels and awaits the other requests when one fails for good
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(ask(m, t)) for m, t in requests]
+            tasks = [group.create_task(counted(m, t)) for m, t in requests]
     except ExceptionGroup as eg:
         raise eg.exceptions[0]  # the first failure, with the group as its context
+    finally:
+        bar.close()
     return [t.result() for t in tasks]
 
 
@@ -288,7 +300,7 @@ def evaluate_tool_calls(endpoint: Endpoint, model: str, prompts: list[ToolCallPr
     async def run() -> list[ModelReply]:
         async with endpoint.client() as client:
             return await ask_all(client, model, [(p.messages, p.tools) for p in prompts], concurrency=concurrency,
-                                 temperature=temperature, max_tokens=max_tokens)
+                                 temperature=temperature, max_tokens=max_tokens, desc="tool-calls")
 
     return aggregate(prompts, asyncio.run(run()))
 
