@@ -10,12 +10,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from openk2.agentic.agents import Agent, tool_domain
 from openk2.agentic.catalog import draw_arguments, load_catalog, placeholders, render_ask, say
 from openk2.agentic.config import load_synth_config
 from openk2.agentic.episode import REFUSALS
 from openk2.agentic.evolve import save_tools
 from openk2.agentic.pipeline import run_synth
 from openk2.agentic.simulate import ToolSimulator
+from openk2.agentic.tasks import out_of_scope_task
 
 DATA = Path(__file__).parent / "data"
 
@@ -107,6 +109,27 @@ def test_a_run_without_an_llm_makes_single_parallel_and_out_of_scope_trajectorie
     refusals = [r for r, calls in zip(records, first_calls, strict=True) if not calls]
     openings = tuple(text.split("{", 1)[0] for text in REFUSALS)
     assert all(r["messages"][-1]["content"].startswith(openings) for r in refusals)
+
+
+def test_out_of_scope_requests_are_near_misses_at_near_miss_rate() -> None:
+    """A near miss asks what a tool of another domain of the agent's own category does; the rest another category's."""
+    tools = {t.name: t for t in load_catalog(DATA / "catalog_tools.jsonl")}
+    geometry = sorted(n for n, t in tools.items() if tool_domain(t) == "math/geometry")
+    agent = Agent("agent-0", "math/geometry", tuple(geometry[:2]), "You do geometry.", "fallback")
+    factory = lambda own, seed: ToolSimulator(own, seed=seed)  # noqa: E731
+
+    def asked_domains(rate: float) -> set[str]:
+        domains = set()
+        for seed in range(40):
+            task = out_of_scope_task(agent, tools, factory, f"t{seed}", seed, random.Random(seed), rate)
+            assert task is not None and task.calls == [] and task.user_request
+            asked = task.note.removeprefix("out of scope: asks what ").removesuffix(" does")
+            domains.add(tool_domain(tools[asked]))
+        return domains
+
+    near = asked_domains(1.0)
+    assert near and all(d.startswith("math/") and d != "math/geometry" for d in near)
+    assert not any(d.startswith("math/") for d in asked_domains(0.0))
 
 
 def test_no_llm_needs_every_stage_programmatic(tmp_path: Path) -> None:

@@ -117,10 +117,13 @@ class TasksSection:
     # real values (a time zone, a SQL query); chained values from earlier calls still win.
     value_pools: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_VALUE_POOLS))
     repeat_rate: float = 0.0  # chance that a later plan call repeats the tool before it, with other values
-    out_of_scope_rate: float = 0.0  # share of tasks asking what only another category's catalog tool does
+    out_of_scope_rate: float = 0.0  # share of tasks asking what only a catalog tool the agent lacks does
+    # share of those whose request comes from another domain of the agent's own category (a geometry agent asked an
+    # algebra question): near misses teach reading what the declared tools do; the rest ask another category's tool
+    near_miss_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("repeat_rate", "out_of_scope_rate"):
+        for name in ("repeat_rate", "out_of_scope_rate", "near_miss_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"tasks.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.count < 1 or not self.complexity or any(c < 1 for c in self.complexity):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from openk2.agentic.agents import Agent
+from openk2.agentic.agents import Agent, tool_domain
 from openk2.agentic.catalog import asks, draw_arguments, render_ask
 from openk2.agentic.config import TasksSection
 from openk2.agentic.llm import LLMOutputError, LLMRequestError
@@ -337,7 +337,7 @@ def plan_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFac
     own = [tools[name] for name in agent.tools]
     rng = random.Random(seed)
     if rng.random() < config.out_of_scope_rate:
-        task = out_of_scope_task(agent, tools, simulators, task_id, seed, rng)
+        task = out_of_scope_task(agent, tools, simulators, task_id, seed, rng, config.near_miss_rate)
         if task is not None:
             return task
     problems = []
@@ -354,17 +354,25 @@ def plan_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFac
 
 
 def out_of_scope_task(agent: Agent, tools: dict[str, ToolSpec], simulators: SimulatorFactory, task_id: str,
-                      seed: int, rng: random.Random) -> Task | None:
-    """A task whose request only a tool of another category could serve: the gold answer makes no call and says so.
+                      seed: int, rng: random.Random, near_miss_rate: float = 0.0) -> Task | None:
+    """A task whose request only a catalog tool the agent lacks could serve: the gold answer makes no call, says so.
 
-    The request is a catalog tool's ask; None when the repository has no such tool (then a plan is drawn instead).
+    With probability `near_miss_rate` the request comes from another domain of the agent's own category (math/algebra
+    for a math/geometry agent: the same field, the wrong function), else from another category; the other pool
+    when the chosen one is empty. The request is that tool's ask; None when no tool qualifies (then a plan is drawn).
     """
     category = agent.domain.split("/", 1)[0]
-    foreign = [t for name, t in tools.items() if asks(t) and name not in agent.tools
-               and t.source.removeprefix("synthetic:").split("/", 1)[0] != category]
-    if not foreign:
+    near, foreign = [], []
+    for name, t in tools.items():
+        domain = tool_domain(t)
+        if not asks(t) or name in agent.tools or domain == agent.domain:
+            continue
+        (near if domain.split("/", 1)[0] == category else foreign).append(t)
+    pools = [near, foreign] if rng.random() < near_miss_rate else [foreign, near]
+    pool = pools[0] or pools[1]
+    if not pool:
         return None
-    tool = rng.choice(foreign)
+    tool = rng.choice(pool)
     arguments = draw_arguments(tool, rng)
     request = render_ask(tool, arguments or {}, rng)
     if request is None:
