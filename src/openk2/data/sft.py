@@ -135,10 +135,9 @@ def tokenize_conversation(messages: list[dict], tools: list[dict] | None, templa
             runs.append((s.text, s.trainable))
     ids: list[int] = []
     mask: list[bool] = []
-    for (_, trainable), encoding in zip(runs, tokenizer.backend.encode_batch([t for t, _ in runs],
-                                                                             add_special_tokens=False), strict=True):
-        ids += encoding.ids
-        mask += [trainable] * len(encoding.ids)
+    for (_, trainable), piece in zip(runs, tokenizer.encode_batch([t for t, _ in runs]), strict=True):
+        ids += piece
+        mask += [trainable] * len(piece)
     if mask:
         mask[0] = False  # nothing before it in its row predicts it
     return Example(ids=ids, loss_mask=mask, source=source)
