@@ -266,12 +266,14 @@ def eval_stage(args: argparse.Namespace, model: Path, name: str, out: Path, stag
     return read_eval_summary(eval_dir / "summary.json")
 
 
-def read_eval_summary(path: Path) -> dict[str, Any]:
-    """What results.json keeps of an `openk2 eval bfcl` summary.json."""
+def read_eval_summary(path: Path, categories: list[str] | None = None) -> dict[str, Any]:
+    """What results.json keeps of an `openk2 eval bfcl` summary.json: CATEGORIES only (all when None), and their
+    unweighted mean, so that a reused summary of more categories compares like with like."""
     summary = json.loads(path.read_text())
-    return {"mean_accuracy": summary["mean_accuracy"], "endpoint_config": summary["config"],
-            "categories": {c["category"]: {k: c[k] for k in ("items", "correct", "accuracy", "error_types")}
-                           for c in summary["categories"]},
+    scores = {c["category"]: {k: c[k] for k in ("items", "correct", "accuracy", "error_types")}
+              for c in summary["categories"] if categories is None or c["category"] in categories}
+    mean = sum(s["accuracy"] for s in scores.values()) / len(scores) if scores else 0.0
+    return {"mean_accuracy": mean, "endpoint_config": summary["config"], "categories": scores,
             "dir": str(path.parent)}
 
 
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  --epochs needs the data stage; sft runs with the config's train.steps", file=sys.stderr)
 
     if args.before:  # the base model's eval from an earlier run (it does not change): its summary.json
-        results["before"] = {**read_eval_summary(Path(args.before)), "reused": args.before}
+        results["before"] = {**read_eval_summary(Path(args.before), args.categories), "reused": args.before}
     elif not args.skip_before:
         results["before"] = run_stage("before", lambda st: eval_stage(args, model, "base", out, st))
 
