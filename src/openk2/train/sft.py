@@ -218,12 +218,12 @@ def _head_max_logits(query: torch.Tensor, key: torch.Tensor, attention_mask: tor
     nkv, Tk = key.shape[1], key.shape[2]
     scale = scaling if scaling is not None else d ** -0.5
     out = torch.full((nh,), float("-inf"), device=query.device)
+    if attention_mask is None:  # transformers skipped the mask: plain causal, the same for every sequence
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
     for b in range(B):
         q = query[b].reshape(nkv, nh // nkv, Tq, d)
         logits = (q @ key[b].transpose(-2, -1).unsqueeze(1)).float().mul_(scale).reshape(nh, Tq, Tk)
-        if attention_mask is None:  # transformers skipped the mask: plain causal
-            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
-        else:
+        if attention_mask is not None:
             mask = attention_mask[b if attention_mask.shape[0] > 1 else 0]
             allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         out = torch.maximum(out, logits.masked_fill_(~allowed, float("-inf")).amax(dim=(-2, -1)))
