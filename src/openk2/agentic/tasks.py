@@ -357,15 +357,17 @@ def out_of_scope_task(agent: Agent, tools: dict[str, ToolSpec], simulators: Simu
                       seed: int, rng: random.Random, near_miss_rate: float = 0.0) -> Task | None:
     """A task whose request only a catalog tool the agent lacks could serve: the gold answer makes no call, says so.
 
-    With probability `near_miss_rate` the request comes from another domain of the agent's own category (math/algebra
-    for a math/geometry agent: the same field, the wrong function), else from another category; the other pool
-    when the chosen one is empty. The request is that tool's ask; None when no tool qualifies (then a plan is drawn).
+    With probability `near_miss_rate` the request is a near miss: it comes from the agent's own category, a tool of
+    its own domain that it was not given (a triangle's area for an agent with `circle_area`) or of a sibling domain
+    (math/algebra for a math/geometry agent): the same field, the wrong function. Else it comes from another
+    category; the other pool when the chosen one is empty. The request is that tool's ask; None when no tool
+    qualifies (then a plan is drawn).
     """
     category = agent.domain.split("/", 1)[0]
     near, foreign = [], []
     for name, t in tools.items():
         domain = tool_domain(t)
-        if not asks(t) or name in agent.tools or domain == agent.domain:
+        if not asks(t) or name in agent.tools:
             continue
         (near if domain.split("/", 1)[0] == category else foreign).append(t)
     pools = [near, foreign] if rng.random() < near_miss_rate else [foreign, near]
