@@ -30,9 +30,8 @@
 #   data:    .venv/bin/openk2 synth configs/synth_calls.toml --set run_dir=runs/synth-calls; mkdir -p .bfcl_data
 #            gzip -c runs/synth-calls/sft.jsonl > .bfcl_data/sft.jsonl.gz; cp runs/synth-calls/usage.json .bfcl_data/
 #
-# The next lent session (the base model's eval is done: reuse it; one epoch and a half reach val loss ~0.03):
-# (the 2-core CPU run scores 29% on simple_python but 1.7% on irrelevance; regenerate .bfcl_data so that the
-# data has configs/synth_calls.toml's near-miss out-of-scope tasks, which this run is to test)
+# The run of benchmarks/RESULTS.md ("BFCL before and after SFT", H200, 2026-11-27): it reuses the base model's eval,
+# and the machine was held 8.1 minutes in all:
 #   run 1, carry [.whl, .gguf_a]:         OUT=$OUT SMOKE=0 bash benchmarks/bfcl_sft_device.sh stage1
 #   run 2 at once, carry [.gguf_b, .bfcl_data]:
 #     OUT=$OUT EPOCHS=1.5 MAX_TOKENS=192 bash benchmarks/bfcl_sft_device.sh full .bfcl_data/sft.jsonl.gz \
