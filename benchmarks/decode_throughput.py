@@ -5,6 +5,7 @@ tokens, `--new` tokens per sequence; batch 1 and batch 16. Timed per call: prefi
 tokens/s = batch × new tokens / seconds. Engines and transformers alternate round by round so that
 machine noise hits them alike; the median round counts. The compiled engine's compile time (its
 first generate) is printed apart. Usage: python benchmarks/decode_throughput.py [--preset tiny | --config c.json]
+[--device cuda]
 """
 
 import argparse
@@ -22,6 +23,8 @@ from openk2.serve import Engine, SamplingParams
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():  # done means the GPU is done
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -35,14 +38,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (still fp32)")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     from transformers import DeepseekV3ForCausalLM
 
     tune_cpu_allocator()  # process-wide: every contender gets it
     torch.manual_seed(0)
     config = ModelConfig.from_hf(args.config) if args.config else preset(args.preset)
-    model = K2ForCausalLM(config).eval()
+    model = K2ForCausalLM(config).to(device).eval()
     batches = [int(b) for b in args.batches.split(",")]
     max_seq = args.prompt + args.new
     params = SamplingParams(max_new_tokens=args.new, stop_token_ids=())
@@ -52,16 +57,18 @@ def main() -> None:
     if not args.no_transformers:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
         hf.generation_config.eos_token_id = None  # no stop tokens, as for openk2
         hf.generation_config.pad_token_id = 0
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"config={args.config or args.preset} params={config.num_parameters() / 1e6:.1f}M prompt={args.prompt} "
-          f"new={args.new} greedy fp32 threads={torch.get_num_threads()} rounds={args.rounds} (median)")
+          f"new={args.new} greedy fp32 {where} rounds={args.rounds} (median)")
 
     for B in batches:
         g = torch.Generator().manual_seed(B)
         ids = torch.randint(2, config.vocab_size, (B, args.prompt), generator=g)
         prompts = ids.tolist()
+        ids = ids.to(device)
         runs = {name: (lambda e=e: e.generate(prompts, params)) for name, e in contenders.items()}
         if not args.no_transformers:
             def hf_generate():
@@ -79,7 +86,7 @@ def main() -> None:
             with torch.no_grad():
                 theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                      min_new_tokens=args.new, do_sample=False)[:, args.prompt:]
-            agree = (ours == theirs).float().mean().item()
+            agree = (ours == theirs.cpu()).float().mean().item()
             print(f"  batch {B:>2}: greedy tokens equal to transformers' {100 * agree:.1f}%")
         times = {name: [] for name in runs}
         for _ in range(args.rounds):

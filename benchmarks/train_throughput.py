@@ -2,7 +2,7 @@
 
 forward + backward + AdamW step, fp32, the same weights (loaded from one hub-layout checkpoint) and
 the same batches; the two models alternate step by step so that machine noise hits both alike.
-Prints the ratio. Usage: python benchmarks/train_throughput.py [--preset tiny] [--steps 20]
+Prints the ratio. Usage: python benchmarks/train_throughput.py [--preset tiny] [--steps 20] [--device cuda]
 """
 
 import argparse
@@ -19,6 +19,8 @@ def train_step(model, optim, ids) -> None:
     model(ids, labels=ids).loss.backward()
     optim.step()
     optim.zero_grad(set_to_none=True)
+    if ids.is_cuda:  # a step is over when the GPU is done with it, not when its kernels are queued
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -29,7 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's malloc defaults")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (still fp32, as the issue asks)")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     from transformers import DeepseekV3ForCausalLM
 
@@ -40,12 +44,13 @@ def main() -> None:
     ours = K2ForCausalLM(config).train()
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).train()
+    ours.to(device)
     models = {"openk2": ours, "transformers": theirs}
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     times = {k: [] for k in models}
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq)).to(device)
         for name, model in models.items():
             start = time.perf_counter()
             train_step(model, optims[name], ids)
@@ -53,7 +58,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     tokens = args.batch * args.seq
     tps = {k: tokens * len(v) / sum(v) for k, v in times.items()}
-    print(f"preset={args.preset} batch={args.batch}x{args.seq} steps={args.steps} threads={torch.get_num_threads()} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    print(f"preset={args.preset} batch={args.batch}x{args.seq} steps={args.steps} {where} "
           f"allocator_tuned={not args.no_tune_allocator}")
     for k, v in tps.items():
         print(f"{k:>13}: {v:9.0f} tokens/s  ({1000 * tokens / v:5.0f} ms/step)")
