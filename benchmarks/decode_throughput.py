@@ -2,10 +2,10 @@
 
 Same weights (transformers loads the checkpoint openk2 writes), same prompts, greedy, fp32, no stop
 tokens, `--new` tokens per sequence; batch 1 and batch 16. Timed per call: prefill + all decode steps,
-tokens/s = batch × new tokens / seconds. Engines and transformers alternate round by round so that
-machine noise hits them alike; the median round counts. The compiled engine's compile time (its
-first generate) is printed apart. Usage: python benchmarks/decode_throughput.py [--preset tiny | --config c.json]
-[--device cuda]
+tokens/s = batch × new tokens / seconds; on a GPU the engine also runs as CUDA graphs. Engines and
+transformers alternate round by round so that machine noise hits them alike; the median round counts.
+The compile or capture time (the first generate) is printed apart.
+Usage: python benchmarks/decode_throughput.py [--preset tiny | --config c.json] [--device cuda]
 """
 
 import argparse
@@ -54,6 +54,8 @@ def main() -> None:
     contenders = {"openk2": Engine(model, max_batch=max(batches), max_seq_len=max_seq)}
     if not args.no_compile:
         contenders["openk2 compiled"] = Engine(model, max_batch=max(batches), max_seq_len=max_seq, compile=True)
+    if device.type == "cuda":  # eager kernels replayed as CUDA graphs: one launch per step
+        contenders["openk2 cuda graphs"] = Engine(model, max_batch=max(batches), max_seq_len=max_seq, cuda_graphs=True)
     if not args.no_transformers:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
@@ -79,8 +81,8 @@ def main() -> None:
             runs["transformers"] = hf_generate
         for name, fn in runs.items():  # warm-up; the compiled engine compiles here
             seconds = timed(fn)
-            if name == "openk2 compiled":
-                print(f"  batch {B:>2}: compile + first generate {seconds:.1f} s")
+            if name in ("openk2 compiled", "openk2 cuda graphs"):
+                print(f"  batch {B:>2}: {name}: compile or capture + first generate {seconds:.1f} s")
         if not args.no_transformers:  # the same greedy tokens, or the comparison means nothing
             ours = torch.tensor([o.token_ids for o in contenders["openk2"].generate(prompts, params)])
             with torch.no_grad():

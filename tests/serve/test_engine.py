@@ -254,3 +254,64 @@ def test_compiled_decode_equals_eager(tmp_path):
         for _ in range(12):
             toks = torch.randint(2, 256, (len(slots),), generator=g).tolist()
             torch.testing.assert_close(compiled.decode(slots, toks), eager.decode(slots, toks), rtol=0, atol=1e-4)
+
+
+def test_gathered_experts_equal_the_grouped_ones():
+    """The sync-free expert path (each row gathers its expert's matrices) computes what the grouped one does."""
+    from openk2.serve.engine import expert_swiglu, gathered_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    X, H, I = 5, 16, 8
+    w_gu, w_d = torch.randn(X, H, 2 * I, generator=g), torch.randn(X, I, H, generator=g)
+    for counts in ([0, 3, 0, 2, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 4], [2, 0, 7, 0, 3]):  # loop and grouped_mm paths
+        ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+        rows, scale = torch.randn(sum(counts), H, generator=g), torch.rand(sum(counts), generator=g)
+        torch.testing.assert_close(gathered_swiglu(rows, w_gu, w_d, ends, scale),
+                                   expert_swiglu(rows, w_gu, w_d, ends, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_full_length_step_equals_the_engine_step():
+    """What a CUDA graph replays: the batch padded to its bucket by repeating a row, attention over the whole cache
+    length under the mask, slots gathered. Same logits for the real rows; the cache ends up as the engine's."""
+    from openk2.serve.engine import decode_step, padded_decode_inputs
+
+    model = tiny_model()
+    engine = Engine(model, max_batch=8, max_seq_len=24)
+    slots = [4, 1, 6]
+    engine.prefill(slots, random_prompts([5, 11, 2]))
+    for tokens in ([9, 20, 31], [40, 41, 42]):
+        positions = [engine.cache.lengths[s] for s in slots]
+        kv = engine.cache.kv.clone()
+        ids, slot_idx, pos = torch.tensor(padded_decode_inputs(tokens, slots, positions, 4))
+        assert slot_idx.tolist() == slots + slots[:1]
+        static = decode_step(engine.weights, kv, ids, slot_idx, pos, None, engine.max_seq_len)
+        logits = engine.decode(slots, tokens)
+        torch.testing.assert_close(static[:3], logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(kv, engine.cache.kv, rtol=0, atol=1e-5)  # other shapes, other roundings
+
+
+def test_cuda_graphs_need_a_cuda_model():
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        Engine(tiny_model(), max_batch=2, max_seq_len=16, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
+    """cuda_graphs=True: the eager step's logits through bucket changes, a refreshed cache slot and new weights."""
+    eager = Engine(tiny_model().to("cuda", dtype), max_batch=8, max_seq_len=48)
+    graphed = Engine(tiny_model().to("cuda", dtype), max_batch=8, max_seq_len=48, cuda_graphs=True)
+    torch.manual_seed(6)
+    K2ForCausalLM(eager.config.replace(initializer_range=0.1)).save_pretrained(tmp_path)
+    prompts = random_prompts([5, 9, 3, 7, 4])
+    g = torch.Generator().manual_seed(4)
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    for slots in ([1], [0, 2, 3], [7, 1, 4, 2, 5], [3, 1]):
+        if slots == [3, 1]:  # the graphs must be recaptured on the new weights
+            for e in (eager, graphed):
+                e.load_weights(tmp_path)
+        for e in (eager, graphed):
+            e.prefill(slots, prompts[: len(slots)])
+        for _ in range(10):
+            toks = torch.randint(2, 256, (len(slots),), generator=g).tolist()
+            torch.testing.assert_close(graphed.decode(slots, toks), eager.decode(slots, toks), rtol=0, atol=atol)

@@ -211,6 +211,9 @@ def expert_swiglu(rows: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, end
     the CPU it also calls a matmul for each expert without rows; for a few tokens a loop over the experts
     in use is cheaper there (reading `ends` on the CPU is no device sync).
     """
+    if rows.is_cuda and rows.dtype != torch.bfloat16 and (rows.shape[0] <= 4 * w_gu.shape[0]
+                                                          or torch.cuda.is_current_stream_capturing()):
+        return gathered_swiglu(rows, w_gu, w_d, ends, scale)
     few_on_cpu = rows.device.type == "cpu" and 2 * rows.shape[0] < w_gu.shape[0]
     if few_on_cpu or (rows.device.type != "cpu" and rows.dtype != torch.bfloat16):  # the latter syncs, to loop
         out, start = rows.new_empty(rows.shape[0], w_d.shape[-1]), 0
@@ -222,6 +225,18 @@ def expert_swiglu(rows: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, end
         return out
     g, u = F.grouped_mm(rows, w_gu, offs=ends).chunk(2, dim=-1)
     return F.grouped_mm(F.silu(g) * u * scale[:, None], w_d, offs=ends)
+
+
+def gathered_swiglu(rows: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, ends: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """`expert_swiglu` with each row reading its own expert's matrices (a gather, then batched matmuls).
+
+    No host sync, so a CUDA graph can hold it: the GPU path for dtypes grouped_mm does not take (fp32), where the
+    loop would read `ends` on the host. It copies one set of expert matrices per row, so it is for a few rows.
+    """
+    expert = torch.searchsorted(ends, torch.arange(rows.shape[0], device=rows.device, dtype=ends.dtype), right=True)
+    g, u = torch.bmm(rows[:, None], w_gu[expert]).chunk(2, dim=-1)  # (N, 1, I) each
+    return torch.bmm(F.silu(g) * u * scale[:, None, None], w_d[expert])[:, 0]
 
 
 # the same as an op of its own, so that torch.compile calls it as it is instead of tracing its loop
@@ -299,6 +314,70 @@ def mla_prefill(attn: MultiHeadLatentAttention, x: torch.Tensor, cos, sin) -> tu
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, nh * attn.d_v)), latent
 
 
+# ----------------------------------------------------------------------------- decode as CUDA graphs
+def padded_decode_inputs(tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int],
+                         size: int) -> list[list[int]]:
+    """[tokens, slots, positions] padded to `size` rows by repeating the first row.
+
+    A repeated row writes the very cache entry the first row writes (same token, slot and position), so the padding
+    changes nothing that is read; its logits are dropped.
+    """
+    pad = size - len(tokens)
+    return [list(tokens) + [tokens[0]] * pad, list(slots) + [slots[0]] * pad, list(positions) + [positions[0]] * pad]
+
+
+class DecodeGraphs:
+    """The decode step captured once per batch size bucket as a CUDA graph, then replayed (vLLM's decode graphs).
+
+    A graph replays fixed kernels on fixed memory: inputs go through one static (3, size) buffer, batches are padded
+    up to the next bucket (1, 2, 4, ... max_batch), and every step attends over the whole cache length under its
+    mask, so the shapes never change. What this removes is the per-step launch of every kernel from Python, which
+    is all of a small model's decode time on a GPU. Captured on first use of a bucket; `clear()` after the weights
+    are re-folded, since a graph holds the addresses of the tensors it was captured with.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor], max_batch: int, max_seq_len: int, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+        self.step, self.max_seq_len, self.device = step, max_seq_len, device
+        self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets: they never run at once
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, weights: DecodeWeights, kv: torch.Tensor, tokens: list[int], slots: list[int],
+                 positions: list[int]) -> torch.Tensor:
+        size = next(n for n in self.sizes if n >= len(tokens))
+        rows = torch.tensor(padded_decode_inputs(tokens, slots, positions, size))
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(weights, kv, rows)
+        graph, inputs, logits = self.graphs[size]
+        inputs.copy_(rows)
+        graph.replay()
+        return logits[: len(tokens)].clone()  # the buffer is overwritten by the next replay
+
+    def _capture(self, weights: DecodeWeights, kv: torch.Tensor, rows: torch.Tensor):
+        inputs = rows.to(self.device)
+        ids, slots, positions = inputs
+
+        def run() -> torch.Tensor:
+            return self.step(weights, kv, ids, slots, positions, None, self.max_seq_len)
+
+        # warm up on a side stream, as torch.cuda.graphs asks: lazy initialisation (cuBLAS handles, compiled
+        # kernels) stays out of the capture. It writes the cache entries that the replay writes: the same values.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        return graph, inputs, logits
+
+
 # ----------------------------------------------------------------------------- engine
 @dataclass
 class Completion:
@@ -317,11 +396,13 @@ class Engine:
     Puts the model in eval mode (no router load bookkeeping). Sequence slots are rows of the cache;
     `prefill`, `decode` and `release` are the step-level API a scheduler (continuous batching) drives.
     `compile=True` runs the decode step through torch.compile (dynamic shapes: one compile for batch 1,
-    one for larger batches, whatever the cache length). Weights are folded for decode when the engine
+    one for larger batches, whatever the cache length). `cuda_graphs=True` (model on a CUDA device) replays the
+    decode step as CUDA graphs (`DecodeGraphs`). Weights are folded for decode when the engine
     is built; after changing the model's weights call `refresh_weights()`, or use `load_weights`.
     """
 
-    def __init__(self, model: K2ForCausalLM, max_batch: int = 8, max_seq_len: int = 2048, compile: bool = False):
+    def __init__(self, model: K2ForCausalLM, max_batch: int = 8, max_seq_len: int = 2048, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.model = model.eval()
         self.config = model.config
         p = model.lm_head.weight
@@ -330,11 +411,14 @@ class Engine:
         self.device = p.device
         self.weights = fold_weights(model, max_seq_len)
         self._step = torch.compile(decode_step, options={"cpp_wrapper": True}) if compile else decode_step
+        self._graphs = DecodeGraphs(self._step, max_batch, max_seq_len, self.device) if cuda_graphs else None
 
     # ------------------------------------------------------------------------- weights
     def refresh_weights(self) -> None:
         """Re-fold the decode weights from the model's current parameters."""
         self.weights = fold_weights(self.model, self.max_seq_len)
+        if self._graphs is not None:
+            self._graphs.clear()
 
     @torch.no_grad()
     def load_weights(self, path) -> None:
@@ -403,9 +487,12 @@ class Engine:
             bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         B = len(slots)
-        ids, slot_idx, pos = torch.tensor([tokens, slots, positions], device=self.device)  # one copy to the device
-        first = slots[0] if slots == list(range(slots[0], slots[0] + B)) else None
-        logits = self._step(self.weights, self.cache.kv, ids, slot_idx, pos, first, max(positions) + 1)
+        if self._graphs is not None:
+            logits = self._graphs(self.weights, self.cache.kv, tokens, slots, positions)
+        else:
+            ids, slot_idx, pos = torch.tensor([tokens, slots, positions], device=self.device)  # one copy to the device
+            first = slots[0] if slots == list(range(slots[0], slots[0] + B)) else None
+            logits = self._step(self.weights, self.cache.kv, ids, slot_idx, pos, first, max(positions) + 1)
         for s in slots:
             self.cache.lengths[s] += 1
         return logits
