@@ -33,10 +33,10 @@ def sequences(n: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(1, TINY["vocab_size"], (n,), generator=g).tolist() for n in lengths][:n]
 
 
-def check_against_full(model, max_batch: int = 4) -> None:
+def check_against_full(model, max_batch: int = 4, fused: bool = True) -> None:
     """Prefill prompts of different lengths, then decode slots in varying subsets; every step's logits must equal
     the full forward's at that position."""
-    engine = HFEngine(model, max_batch=max_batch, max_seq_len=64)
+    engine = HFEngine(model, max_batch=max_batch, max_seq_len=64, fused=fused)
     prompts = sequences(3, [5, 11, 2])
     slots = [2, 0, 3]  # not in order, not contiguous
     seqs = {s: list(p) for s, p in zip(slots, prompts)}
@@ -53,13 +53,25 @@ def check_against_full(model, max_batch: int = 4) -> None:
             torch.testing.assert_close(got[row], full_logits(model, seqs[s])[-1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_decode", "model_forward"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_llama_prefill_and_decode_match_full_forward(attn):
-    check_against_full(tiny_llama(attn))
+def test_llama_prefill_and_decode_match_full_forward(attn, fused):
+    check_against_full(tiny_llama(attn), fused=fused)
 
 
 def test_qwen2_prefill_and_decode_match_full_forward():
-    check_against_full(tiny_qwen2())
+    check_against_full(tiny_qwen2())  # q/k/v biases through the fused decode
+
+
+def test_fused_decode_serves_the_llama_family_only():
+    """Llama and Qwen2 decode through `fused_decode`; what it cannot reproduce falls back to the model's forward."""
+    assert HFEngine(tiny_llama(), max_seq_len=16).fused is not None
+    assert HFEngine(tiny_qwen2(), max_seq_len=16).fused is not None
+    assert HFEngine(tiny_llama(), max_seq_len=16, fused=False).fused is None
+    assert HFEngine(tiny_qwen2(sliding_window=4), max_seq_len=16).fused is None
+    torch.manual_seed(0)
+    biased_o = LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True, attn_implementation="sdpa")).eval()
+    assert HFEngine(biased_o, max_seq_len=16).fused is None  # o_proj has a bias too
 
 
 def test_qwen2_sliding_window_layers_match_full_forward():

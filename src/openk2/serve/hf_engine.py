@@ -7,7 +7,12 @@ is a `Cache` whose layers keep a row per slot: each forward writes every row's n
 that row's own positions and hands attention back just the rows in use, (B, n_kv, T, d) with T the
 longest of them. What each row may see goes in as an explicit 4-D mask (B, 1, q, T), and RoPE gets
 per-row `position_ids`; the model's forward is otherwise untouched.
-Read top to bottom: cache layer -> cache -> masks -> HFEngine.
+
+On a CPU, decode of Llama-family models (llama, mistral without a window, qwen2) skips transformers' forward:
+`fused_decode` runs the same arithmetic, a dozen torch ops per layer over the same cache, with every linear
+prepacked for oneDNN (`openk2.serve.packed_linear`): a decode step streams all the weights from DRAM, and the
+packed layout streams them ~2x faster. Prefill, where the matmuls are large, stays the model's forward.
+Read top to bottom: cache layer -> cache -> masks -> fused decode -> HFEngine.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from openk2.serve.packed_linear import PackedLinear, pack_linears
 
 # layer types (config.layer_types) whose attention reads a KV cache that this engine can lay out per slot
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
@@ -121,16 +128,119 @@ def slot_mask(positions: torch.Tensor, kv_len: int, window: int | None = None) -
     return visible[:, None]
 
 
+# ----------------------------------------------------------------------------- fused decode (Llama family)
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # pre-norm, SwiGLU, GQA, rotate-half RoPE, optional q/k/v bias
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+
+
+@dataclass
+class FusedLayer:
+    norm: torch.nn.Module  # input_layernorm
+    qkv: PackedLinear  # [q_proj | k_proj | v_proj] rows, with their biases when the model has them
+    o: PackedLinear
+    post_norm: torch.nn.Module  # post_attention_layernorm
+    gate_up: PackedLinear  # [gate_proj | up_proj] rows
+    down: PackedLinear
+
+
+@dataclass
+class FusedWeights:
+    """The decode step's weights: the model's norms and embedding as they are, its linears prepacked (copies)."""
+
+    embed: torch.Tensor
+    layers: list[FusedLayer]
+    norm: torch.nn.Module
+    lm_head: PackedLinear
+    cos: torch.Tensor  # (max_seq_len, head_dim): the model's own rotary table at every position
+    sin: torch.Tensor
+    position_ids: torch.Tensor  # arange(max_seq_len), for the masks
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+
+
+def fuse_llama(model: PreTrainedModel, max_seq_len: int) -> FusedWeights | None:
+    """The fused decode's weights for a Llama-family model on a CPU with oneDNN; None for anything else (then the
+    engine decodes through transformers' forward)."""
+    config = model.config.get_text_config()
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    body = getattr(model, "model", None)
+    if (config.model_type not in FUSED_MODEL_TYPES or getattr(config, "hidden_act", None) != "silu"
+            or getattr(config, "pretraining_tp", 1) != 1 or rope.get("rope_type", "default") not in STATIC_ROPE_TYPES
+            or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+            or (config.model_type == "mistral" and getattr(config, "sliding_window", None))
+            or body is None or not hasattr(body, "rotary_emb")):
+        return None
+    linears = []
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (hasattr(attn, "q_norm") or attn.o_proj.bias is not None
+                or any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj"))):
+            return None
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bias = None if qkv[0].bias is None else torch.cat([m.bias for m in qkv])
+        linears += [(torch.cat([m.weight for m in qkv]), bias), (attn.o_proj.weight, None),
+                    (torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)), None), (mlp.down_proj.weight, None)]
+    head = model.get_output_embeddings().weight
+    packed = pack_linears(linears + [(head, None)])
+    if packed is None:
+        return None
+    layers = [FusedLayer(layer.input_layernorm, *packed[4 * i: 4 * i + 2], layer.post_attention_layernorm,
+                         *packed[4 * i + 2: 4 * i + 4]) for i, layer in enumerate(body.layers)]
+    positions = torch.arange(max_seq_len, device=head.device)
+    cos, sin = body.rotary_emb(head[:1], positions[None])  # scaling and attention factor as the model applies them
+    attn = body.layers[0].self_attn
+    return FusedWeights(embed=body.embed_tokens.weight, layers=layers, norm=body.norm, lm_head=packed[-1],
+                        cos=cos[0], sin=sin[0], position_ids=positions, n_heads=config.num_attention_heads,
+                        n_kv=config.num_key_value_heads, head_dim=attn.head_dim, scaling=attn.scaling)
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm (the packed path is fp32 only, where it is one fused op)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama's layout, not DeepSeek's interleaved pairs): x (B, heads, d), cos/sin (B, 1, d)."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def fused_decode(f: FusedWeights, cache: SlotCache, ids: torch.Tensor, step: SlotStep) -> torch.Tensor:
+    """One token per row through the whole model -> logits (B, V) fp32; the same cache writes as the forward."""
+    B = ids.shape[0]
+    nh, nkv, d = f.n_heads, f.n_kv, f.head_dim
+    pos = step.positions[:, 0]
+    cos, sin = f.cos[pos][:, None], f.sin[pos][:, None]  # (B, 1, d)
+    mask = (f.position_ids[: step.kv_len] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
+    rows = step.slots if step.first is None else slice(step.first, step.first + B)
+    x = F.embedding(ids, f.embed)  # (B, H)
+    for w, layer in zip(f.layers, cache.layers):
+        qk, v = w.qkv(_rms_norm(w.norm, x)).split([(nh + nkv) * d, nkv * d], dim=-1)
+        qk = _rotate(qk.view(B, nh + nkv, d), cos, sin)  # q's heads, then k's: one rotation for both
+        layer.keys[step.slots, :, pos] = qk[:, nh:]
+        layer.values[step.slots, :, pos] = v.view(B, nkv, d)
+        keys, values = layer.keys[rows, :, : step.kv_len], layer.values[rows, :, : step.kv_len]
+        y = F.scaled_dot_product_attention(qk[:, :nh, None], keys, values, attn_mask=mask, scale=f.scaling,
+                                           enable_gqa=nh != nkv)  # (B, nh, 1, d)
+        x = x + w.o(y.reshape(B, nh * d))
+        g, u = w.gate_up(_rms_norm(w.post_norm, x)).chunk(2, dim=-1)
+        x = x + w.down(F.silu(g) * u)
+    return f.lm_head(_rms_norm(f.norm, x)).float()
+
+
 # ----------------------------------------------------------------------------- engine
 class HFEngine:
     """Batched, slot-addressed generation steps for a transformers causal LM: `HFEngine.from_pretrained(path)`.
 
     A slot is a row of the cache; `prefill` (re)starts slots from whole prompts, `decode` appends one
     token to any subset of slots. Right-padded prefill is safe: pad keys land past each prompt's end,
-    are never visible to its tokens, and the slot's next token overwrites them.
+    are never visible to its tokens, and the slot's next token overwrites them. `fused=False` decodes through
+    transformers' forward even for the Llama family (see `fused_decode`).
     """
 
-    def __init__(self, model: PreTrainedModel, max_batch: int = 8, max_seq_len: int = 2048):
+    def __init__(self, model: PreTrainedModel, max_batch: int = 8, max_seq_len: int = 2048, fused: bool = True):
         if max_batch < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch and max_seq_len must be >= 1, got {max_batch} and {max_seq_len}")
         config = model.config.get_text_config()
@@ -157,6 +267,7 @@ class HFEngine:
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); take the name this version has
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lengths = [0] * max_batch  # tokens cached per slot; 0 = empty
+        self.fused = fuse_llama(model, max_seq_len) if fused else None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -204,7 +315,12 @@ class HFEngine:
         if max(positions) >= self.max_seq_len:
             raise ValueError(f"a sequence in slots {list(slots)} would exceed max_seq_len={self.max_seq_len}")
         ids = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]  # (B, 1)
-        logits = self._forward(slots, ids, torch.as_tensor(positions)[:, None], max(positions) + 1, keep=1)
+        kv_len, positions = max(positions) + 1, torch.as_tensor(positions)[:, None]
+        if self.fused is not None:
+            step = self._step(slots, positions, kv_len)
+            logits = fused_decode(self.fused, self.cache, ids[:, 0].to(self.device), step)
+        else:
+            logits = self._forward(slots, ids, positions, kv_len, keep=1)
         for s in slots:
             self.lengths[s] += 1
         return logits
@@ -228,6 +344,8 @@ class HFEngine:
             raise ValueError(f"{path}: weight shapes differ from the served model (name, file, served): {wrong[:5]}")
         for k, t in own.items():
             t.copy_(new[k])  # tied weights are one tensor under two names: copied twice, same values
+        if self.fused is not None:  # the packed linears are copies: pack the new weights
+            self.fused = fuse_llama(self.model, self.max_seq_len)
         self.lengths = [0] * self.max_batch  # cached keys/values came from the old weights
 
     # ------------------------------------------------------------------------- internals
@@ -235,13 +353,16 @@ class HFEngine:
         if len(set(slots)) != len(slots) or any(not 0 <= s < self.max_batch for s in slots):
             raise ValueError(f"slots {list(slots)} must be distinct and in [0, max_batch={self.max_batch})")
 
+    def _step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> SlotStep:
+        first = slots[0] if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None
+        return SlotStep(torch.as_tensor(list(slots), device=self.device), positions.to(self.device), kv_len, first)
+
     def _forward(self, slots: Sequence[int], ids: torch.Tensor, positions: torch.Tensor, kv_len: int,
                  keep: int | torch.Tensor) -> torch.Tensor:
         """One model forward over rows `slots`: ids and positions (B, q) -> logits at `keep` (B, V) fp32."""
         dev = self.device
-        positions = positions.to(dev)
-        first = slots[0] if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None
-        self.cache.step = SlotStep(torch.as_tensor(list(slots), device=dev), positions, kv_len, first)
+        self.cache.step = self._step(slots, positions, kv_len)
+        positions = self.cache.step.positions
         mask = self._mask(slot_mask(positions, kv_len))
         if self.layer_types:  # models with layer_types take one mask per attention type
             mask = {"full_attention": mask}
