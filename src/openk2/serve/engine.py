@@ -211,8 +211,7 @@ def expert_swiglu(rows: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, end
     the CPU it also calls a matmul for each expert without rows; for a few tokens a loop over the experts
     in use is cheaper there (reading `ends` on the CPU is no device sync).
     """
-    if rows.is_cuda and rows.dtype != torch.bfloat16 and (rows.shape[0] <= 4 * w_gu.shape[0]
-                                                          or torch.cuda.is_current_stream_capturing()):
+    if rows.is_cuda and rows.dtype != torch.bfloat16:  # no host sync: a CUDA graph can hold the step
         return gathered_swiglu(rows, w_gu, w_d, ends, scale)
     few_on_cpu = rows.device.type == "cpu" and 2 * rows.shape[0] < w_gu.shape[0]
     if few_on_cpu or (rows.device.type != "cpu" and rows.dtype != torch.bfloat16):  # the latter syncs, to loop
@@ -232,7 +231,8 @@ def gathered_swiglu(rows: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor, e
     """`expert_swiglu` with each row reading its own expert's matrices (a gather, then batched matmuls).
 
     No host sync, so a CUDA graph can hold it: the GPU path for dtypes grouped_mm does not take (fp32), where the
-    loop would read `ends` on the host. It copies one set of expert matrices per row, so it is for a few rows.
+    loop would read `ends` on the host. It copies one set of expert matrices per row: fine for the few rows of a
+    decode step; serve large models in bf16, where grouped_mm runs.
     """
     expert = torch.searchsorted(ends, torch.arange(rows.shape[0], device=rows.device, dtype=ends.dtype), right=True)
     g, u = torch.bmm(rows[:, None], w_gu[expert]).chunk(2, dim=-1)  # (N, 1, I) each

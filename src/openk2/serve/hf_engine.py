@@ -151,8 +151,7 @@ class FusedWeights:
     layers: list[FusedLayer]
     norm: torch.nn.Module
     lm_head: PackedLinear
-    cos: torch.Tensor  # (max_seq_len, head_dim): the model's own rotary table at every position
-    sin: torch.Tensor
+    rope: torch.Tensor  # (max_seq_len, head_dim, head_dim): RoPE at each position as a matrix, x @ rope[p]
     position_ids: torch.Tensor  # arange(max_seq_len), for the masks
     n_heads: int
     n_kv: int
@@ -192,8 +191,22 @@ def fuse_llama(model: PreTrainedModel, max_seq_len: int) -> FusedWeights | None:
     cos, sin = body.rotary_emb(head[:1], positions[None])  # scaling and attention factor as the model applies them
     attn = body.layers[0].self_attn
     return FusedWeights(embed=body.embed_tokens.weight, layers=layers, norm=body.norm, lm_head=packed[-1],
-                        cos=cos[0], sin=sin[0], position_ids=positions, n_heads=config.num_attention_heads,
-                        n_kv=config.num_key_value_heads, head_dim=attn.head_dim, scaling=attn.scaling)
+                        rope=rope_matrices(cos[0], sin[0]), position_ids=positions,
+                        n_heads=config.num_attention_heads, n_kv=config.num_key_value_heads, head_dim=attn.head_dim,
+                        scaling=attn.scaling)
+
+
+def rope_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama's layout, not DeepSeek's interleaved pairs) as one matrix per position:
+    x @ R[p] = x·cos + rotate_half(x)·sin, so a decode step rotates every head of every layer with one bmm each.
+    cos, sin (T, d) -> (T, d, d)."""
+    T, d = cos.shape
+    h = d // 2
+    R = torch.diag_embed(cos)
+    i = torch.arange(h, device=cos.device)
+    R[:, i + h, i] = -sin[:, i]  # out[i] gets -x[i+h]·sin[i]
+    R[:, i, i + h] = sin[:, i + h]  # out[i+h] gets x[i]·sin[i+h]
+    return R
 
 
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -201,32 +214,26 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama's layout, not DeepSeek's interleaved pairs): x (B, heads, d), cos/sin (B, 1, d)."""
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
-
-
 def fused_decode(f: FusedWeights, cache: SlotCache, ids: torch.Tensor, step: SlotStep) -> torch.Tensor:
     """One token per row through the whole model -> logits (B, V) fp32; the same cache writes as the forward."""
     B = ids.shape[0]
     nh, nkv, d = f.n_heads, f.n_kv, f.head_dim
     pos = step.positions[:, 0]
-    cos, sin = f.cos[pos][:, None], f.sin[pos][:, None]  # (B, 1, d)
+    rope = f.rope[pos]  # (B, d, d)
     mask = (f.position_ids[: step.kv_len] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
     rows = step.slots if step.first is None else slice(step.first, step.first + B)
     x = F.embedding(ids, f.embed)  # (B, H)
     for w, layer in zip(f.layers, cache.layers):
         qk, v = w.qkv(_rms_norm(w.norm, x)).split([(nh + nkv) * d, nkv * d], dim=-1)
-        qk = _rotate(qk.view(B, nh + nkv, d), cos, sin)  # q's heads, then k's: one rotation for both
+        qk = torch.bmm(qk.view(B, nh + nkv, d), rope)  # q's heads, then k's: one rotation for both
         layer.keys[step.slots, :, pos] = qk[:, nh:]
         layer.values[step.slots, :, pos] = v.view(B, nkv, d)
         keys, values = layer.keys[rows, :, : step.kv_len], layer.values[rows, :, : step.kv_len]
         y = F.scaled_dot_product_attention(qk[:, :nh, None], keys, values, attn_mask=mask, scale=f.scaling,
                                            enable_gqa=nh != nkv)  # (B, nh, 1, d)
-        x = x + w.o(y.reshape(B, nh * d))
+        x = w.o.add_to(x, y.reshape(B, nh * d))
         g, u = w.gate_up(_rms_norm(w.post_norm, x)).chunk(2, dim=-1)
-        x = x + w.down(F.silu(g) * u)
+        x = w.down.add_to(x, F.silu(g) * u)
     return f.lm_head(_rms_norm(f.norm, x)).float()
 
 

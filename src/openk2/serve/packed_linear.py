@@ -44,6 +44,10 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), the add fused into the matmul's output (oneDNN's binary post-op)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+
 
 def pack_linears(weights: list[tuple[torch.Tensor, torch.Tensor | None]],
                  max_share_of_free: float = 0.5) -> list[PackedLinear] | None:
