@@ -243,17 +243,23 @@ def test_compiled_decode_equals_eager(tmp_path):
     compiled = Engine(tiny_model(rope_scaling=YARN), max_batch=4, max_seq_len=48, compile=True)
     torch.manual_seed(6)
     K2ForCausalLM(eager.config.replace(initializer_range=0.1)).save_pretrained(tmp_path)
-    prompts = random_prompts([5, 9, 3])
+    check_same_decodes(eager, compiled, tmp_path, ([1], [0, 2, 3], [3, 1]), steps=12, atol=1e-4)
+
+
+def check_same_decodes(reference: Engine, other: Engine, new_weights, slot_sets, steps: int, atol: float) -> None:
+    """Prefill and decode the same tokens on both engines, slot set by slot set; before the last set both load
+    `new_weights` (the other engine must see them). Every step's logits must agree."""
+    prompts = random_prompts([5, 9, 3, 7, 4])
     g = torch.Generator().manual_seed(4)
-    for slots in ([1], [0, 2, 3], [3, 1]):
-        if slots == [3, 1]:  # the compiled step must see the refreshed weights
-            for e in (eager, compiled):
-                e.load_weights(tmp_path)
-        for e in (eager, compiled):
+    for slots in slot_sets:
+        if slots is slot_sets[-1]:
+            for e in (reference, other):
+                e.load_weights(new_weights)
+        for e in (reference, other):
             e.prefill(slots, prompts[: len(slots)])
-        for _ in range(12):
+        for _ in range(steps):
             toks = torch.randint(2, 256, (len(slots),), generator=g).tolist()
-            torch.testing.assert_close(compiled.decode(slots, toks), eager.decode(slots, toks), rtol=0, atol=1e-4)
+            torch.testing.assert_close(other.decode(slots, toks), reference.decode(slots, toks), rtol=0, atol=atol)
 
 
 def test_gathered_experts_equal_the_grouped_ones():
@@ -303,15 +309,6 @@ def test_cuda_graph_decode_equals_eager(dtype, tmp_path):
     graphed = Engine(tiny_model().to("cuda", dtype), max_batch=8, max_seq_len=48, cuda_graphs=True)
     torch.manual_seed(6)
     K2ForCausalLM(eager.config.replace(initializer_range=0.1)).save_pretrained(tmp_path)
-    prompts = random_prompts([5, 9, 3, 7, 4])
-    g = torch.Generator().manual_seed(4)
-    atol = 1e-4 if dtype == torch.float32 else 5e-2
-    for slots in ([1], [0, 2, 3], [7, 1, 4, 2, 5], [3, 1]):
-        if slots == [3, 1]:  # the graphs must be recaptured on the new weights
-            for e in (eager, graphed):
-                e.load_weights(tmp_path)
-        for e in (eager, graphed):
-            e.prefill(slots, prompts[: len(slots)])
-        for _ in range(10):
-            toks = torch.randint(2, 256, (len(slots),), generator=g).tolist()
-            torch.testing.assert_close(graphed.decode(slots, toks), eager.decode(slots, toks), rtol=0, atol=atol)
+    # buckets 1, 4 and 8, then bucket 2 recaptured on the new weights
+    check_same_decodes(eager, graphed, tmp_path, ([1], [0, 2, 3], [7, 1, 4, 2, 5], [3, 1]), steps=10,
+                       atol=1e-4 if dtype == torch.float32 else 5e-2)
