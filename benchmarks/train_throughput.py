@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's malloc defaults")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (still fp32, as the issue asks)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N more steps of each model and print its top ops (torch.profiler)")
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -64,6 +66,18 @@ def main() -> None:
     for k, v in tps.items():
         print(f"{k:>13}: {v:9.0f} tokens/s  ({1000 * tokens / v:5.0f} ms/step)")
     print(f"ratio openk2/transformers: {tps['openk2'] / tps['transformers']:.2f}x")
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq)).to(device)
+        for name, model in models.items():
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(args.profile):
+                    train_step(model, optims[name], ids)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{name}: {args.profile} steps, top ops by {key}")
+            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50))
 
 
 if __name__ == "__main__":
