@@ -27,6 +27,15 @@ def packing_available(weight: torch.Tensor) -> bool:
 
 
 def free_memory_bytes() -> int | None:
+    """Memory a new allocation can get: Linux's MemAvailable (page cache counts, it can be dropped), else the free
+    pages, else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
