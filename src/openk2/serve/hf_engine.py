@@ -151,7 +151,8 @@ class FusedWeights:
     layers: list[FusedLayer]
     norm: torch.nn.Module
     lm_head: PackedLinear
-    rope: torch.Tensor  # (max_seq_len, head_dim, head_dim): RoPE at each position as a matrix, x @ rope[p]
+    cos: torch.Tensor  # (max_seq_len, head_dim): the model's own rotary table at every position
+    sin: torch.Tensor
     position_ids: torch.Tensor  # arange(max_seq_len), for the masks
     n_heads: int
     n_kv: int
@@ -191,16 +192,16 @@ def fuse_llama(model: PreTrainedModel, max_seq_len: int) -> FusedWeights | None:
     cos, sin = body.rotary_emb(head[:1], positions[None])  # scaling and attention factor as the model applies them
     attn = body.layers[0].self_attn
     return FusedWeights(embed=body.embed_tokens.weight, layers=layers, norm=body.norm, lm_head=packed[-1],
-                        rope=rope_matrices(cos[0], sin[0]), position_ids=positions,
+                        cos=cos[0], sin=sin[0], position_ids=positions,
                         n_heads=config.num_attention_heads, n_kv=config.num_key_value_heads, head_dim=attn.head_dim,
                         scaling=attn.scaling)
 
 
 def rope_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama's layout, not DeepSeek's interleaved pairs) as one matrix per position:
-    x @ R[p] = x·cos + rotate_half(x)·sin, so a decode step rotates every head of every layer with one bmm each.
-    cos, sin (T, d) -> (T, d, d)."""
-    T, d = cos.shape
+    """Rotate-half RoPE (Llama's layout, not DeepSeek's interleaved pairs) as one matrix per row: x @ R[b] =
+    x·cos + rotate_half(x)·sin, so a decode step rotates every head of every layer with one bmm each.
+    cos, sin (B, d) -> (B, d, d); built per step, since a table of them for every position is d times larger."""
+    d = cos.shape[-1]
     h = d // 2
     R = torch.diag_embed(cos)
     i = torch.arange(h, device=cos.device)
@@ -219,7 +220,7 @@ def fused_decode(f: FusedWeights, cache: SlotCache, ids: torch.Tensor, step: Slo
     B = ids.shape[0]
     nh, nkv, d = f.n_heads, f.n_kv, f.head_dim
     pos = step.positions[:, 0]
-    rope = f.rope[pos]  # (B, d, d)
+    rope = rope_matrices(f.cos[pos], f.sin[pos])  # (B, d, d)
     mask = (f.position_ids[: step.kv_len] <= pos[:, None])[:, None, None]  # (B, 1, 1, T)
     rows = step.slots if step.first is None else slice(step.first, step.first + B)
     x = F.embedding(ids, f.embed)  # (B, H)
