@@ -135,6 +135,8 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on
 
 @dataclass
 class FusedLayer:
+    """One decoder layer for `fused_decode`: the model's norms, its linears packed (q/k/v and gate/up stacked)."""
+
     norm: torch.nn.Module  # input_layernorm
     qkv: PackedLinear  # [q_proj | k_proj | v_proj] rows, with their biases when the model has them
     o: PackedLinear
