@@ -11,13 +11,13 @@ import jsonschema
 import pytest
 
 from openk2.agentic.agents import Agent, tool_domain
-from openk2.agentic.catalog import draw_arguments, load_catalog, placeholders, render_ask, say
+from openk2.agentic.catalog import draw_arguments, indefinite_article, load_catalog, placeholders, render_ask, say
 from openk2.agentic.config import load_synth_config
 from openk2.agentic.episode import REFUSALS
 from openk2.agentic.evolve import save_tools
 from openk2.agentic.pipeline import run_synth
 from openk2.agentic.simulate import ToolSimulator
-from openk2.agentic.tasks import out_of_scope_task
+from openk2.agentic.tasks import _lower_first, out_of_scope_task
 
 DATA = Path(__file__).parent / "data"
 
@@ -139,3 +139,26 @@ def test_no_llm_needs_every_stage_programmatic(tmp_path: Path) -> None:
         load_synth_config("configs/synth_calls.toml", ["judge.llm=true"])
     with pytest.raises(ValueError, match="tools.synthetic = false"):
         load_synth_config("configs/synth_calls.toml", ["tools.synthetic=true"])
+
+
+def test_a_joined_request_keeps_the_capitals_of_acronyms_and_I():
+    assert _lower_first("What's the weather?") == "what's the weather?"
+    assert _lower_first("QR code for https://example.com") == "QR code for https://example.com"
+    assert _lower_first("I need a vet.") == "I need a vet."
+    assert _lower_first("I'd like a table.") == "I'd like a table."
+    assert _lower_first("Is it open?") == "is it open?"
+
+
+def test_an_article_before_a_value_agrees_with_it():
+    tools = {t.name: t for t in load_catalog()}
+
+    def rendered(tool: str, arguments: dict, needle: str) -> str:  # the ask that has `needle`, whatever the draw
+        texts = {render_ask(tools[tool], arguments, random.Random(s)) for s in range(20)}
+        return next(t for t in texts if needle in t)
+
+    assert rendered("find_vet", {"animal_type": "cat", "location": "Oslo"}, "vet in") == "I need a cat vet in Oslo."
+    assert rendered("find_vet", {"animal_type": "exotic", "location": "Oslo"}, "vet in") == \
+        "I need an exotic vet in Oslo."
+    assert "a 8 b 3 c 1" in rendered("solve_quadratic", {"a": 8, "b": 3, "c": 1}, "a 8")  # a coefficient, not "an"
+    assert [indefinite_article(w) for w in ("8 kg", "18.5", "11 m", "110 m", "1,800", "user", "apple", "12")] == \
+        ["an", "an", "an", "a", "a", "a", "an", "a"]

@@ -23,6 +23,8 @@ from openk2.agentic.tools import ToolSpec
 
 CATALOG_DIR = Path(__file__).parent
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\?[^{}]*)?\}")
+# an article right before a placeholder; not "a {a} b {b}", where a is a coefficient's name
+_ARTICLED = re.compile(r"\b([Aa])n? (?!\{a[}?])(?=" + _PLACEHOLDER.pattern + ")")
 
 
 def load_catalog(path: str | Path | None = None, values_path: str | Path | None = None) -> list[ToolSpec]:
@@ -130,10 +132,29 @@ def say(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def indefinite_article(words: str) -> str:
+    """ "a" or "an" for what follows, by its first sound (roughly: "an 8 kg", "a unit", "an exotic")."""
+    w = words.lower()
+    if w[:1] in ("a", "e", "i", "o", "u"):
+        return "a" if w.startswith(("uni", "use", "usu", "eu", "one", "once")) else "an"
+    return "an" if w.startswith("8") or re.match(r"1[18](?![\d,])", w) else "a"
+
+
 def render_ask(tool: ToolSpec, arguments: dict[str, Any], rng: random.Random) -> str | None:
-    """The tool's request for exactly these arguments: an ask whose placeholders are the argument names, filled."""
+    """The tool's request for exactly these arguments: an ask whose placeholders are the argument names, filled.
+
+    An "a"/"an" right before a placeholder agrees with the value that fills it ("an {animal_type} vet": a cat vet).
+    """
     matching = [a for a in asks(tool) if {p for p, _ in placeholders(a)} == set(arguments)]
     if not matching:
         return None
     ask = rng.choice(matching)
-    return _PLACEHOLDER.sub(lambda m: m.group(2)[1:] if m.group(2) else say(arguments[m.group(1)]), ask)
+
+    def value(m: re.Match) -> str:
+        return m.group(2)[1:] if m.group(2) else say(arguments[m.group(1)])
+
+    def article(m: re.Match) -> str:
+        said = indefinite_article(value(_PLACEHOLDER.match(ask, m.end())))
+        return (said.capitalize() if m.group(1) == "A" else said) + " "
+
+    return _PLACEHOLDER.sub(value, _ARTICLED.sub(article, ask))

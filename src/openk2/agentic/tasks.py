@@ -254,6 +254,14 @@ def plan_rubric(calls: list[PlanCall]) -> Rubric:
 _THEN = (" Also, ", " Then ", " And ", " After that, ", " Next, ", " ")
 
 
+def _lower_first(sentence: str) -> str:
+    """A sentence continued mid-line: "Then what's ...", but "Then I need ..." and "Then QR code ..." stay."""
+    first = sentence.split(" ", 1)[0]
+    if first == "I" or first.startswith("I'") or first[1:2].isupper():
+        return sentence
+    return sentence[0].lower() + sentence[1:]
+
+
 def template_request(calls: list[PlanCall], tools: dict[str, ToolSpec], seed: int = 0) -> str:
     """A request naming every value the user supplies: the catalog tools' own asks, filled; else a plain one.
 
@@ -266,7 +274,7 @@ def template_request(calls: list[PlanCall], tools: dict[str, ToolSpec], seed: in
         text = rendered[0]
         for part in rendered[1:]:
             joint = rng.choice(_THEN)
-            text += joint + (part[0].lower() + part[1:] if joint.strip() and not part.startswith("I ") else part)
+            text += joint + (_lower_first(part) if joint.strip() else part)
         return text
     parts = []
     returned: set[str] = set()
