@@ -69,5 +69,9 @@ def pack_linears(weights: list[tuple[torch.Tensor, torch.Tensor | None]],
     if free is not None and need > max_share_of_free * free:
         log.info("not prepacking %.0f MB of weights for oneDNN: %.0f MB free", need / 2**20, free / 2**20)
         return None
-    return [PackedLinear(w, b) for w, b in weights]
+    try:
+        return [PackedLinear(w, b) for w, b in weights]
+    except RuntimeError as e:  # a oneDNN build without this reorder for this CPU: the plain path still works
+        log.warning("not prepacking weights for oneDNN: %s", e)
+        return None
 
