@@ -327,7 +327,7 @@ class HFEngine:
         ids = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]  # (B, 1)
         kv_len, positions = max(positions) + 1, torch.as_tensor(positions)[:, None]
         if self.fused is not None:
-            step = self._step(slots, positions, kv_len)
+            step = self._slot_step(slots, positions, kv_len)
             logits = fused_decode(self.fused, self.cache, ids[:, 0].to(self.device), step)
         else:
             logits = self._forward(slots, ids, positions, kv_len, keep=1)
@@ -363,7 +363,7 @@ class HFEngine:
         if len(set(slots)) != len(slots) or any(not 0 <= s < self.max_batch for s in slots):
             raise ValueError(f"slots {list(slots)} must be distinct and in [0, max_batch={self.max_batch})")
 
-    def _step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> SlotStep:
+    def _slot_step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> SlotStep:
         first = slots[0] if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None
         return SlotStep(torch.as_tensor(list(slots), device=self.device), positions.to(self.device), kv_len, first)
 
@@ -371,7 +371,7 @@ class HFEngine:
                  keep: int | torch.Tensor) -> torch.Tensor:
         """One model forward over rows `slots`: ids and positions (B, q) -> logits at `keep` (B, V) fp32."""
         dev = self.device
-        self.cache.step = self._step(slots, positions, kv_len)
+        self.cache.step = self._slot_step(slots, positions, kv_len)
         positions = self.cache.step.positions
         mask = self._mask(slot_mask(positions, kv_len))
         if self.layer_types:  # models with layer_types take one mask per attention type

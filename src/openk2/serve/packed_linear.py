@@ -46,7 +46,6 @@ class PackedLinear:
     """y = x Wᵀ + b with W reordered for oneDNN once; x (N, in) -> (N, out). Inference only: no autograd."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
         self.bias = None if bias is None else bias.detach().contiguous()
 
