@@ -12,18 +12,25 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
-def run_pretrain(run_dir: Path, overrides: list[str], edit: Callable | None = None) -> tuple[dict, float]:
+def run_pretrain(run_dir: Path, overrides: list[str], edit: Callable | None = None,
+                 reuse: bool = False) -> tuple[dict, float]:
     """Pretrain into `run_dir` (emptied first: the script owns it) on the repo's data cache.
 
-    `edit` changes the loaded config where a TOML override cannot (e.g. a None). Returns the run's
+    `edit` changes the loaded config where a TOML override cannot (e.g. a None). With `reuse`, a folder that
+    holds a finished run of exactly this config is kept and not trained again (0 seconds). Returns the run's
     summary and its wall-clock seconds."""
+    from openk2.config import to_toml
     from openk2.train.pretrain import load_pretrain_config, pretrain
 
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     cfg = load_pretrain_config(None, [*overrides, f'data.cache_dir="{ROOT / "data"}"', f'run_dir="{run_dir}"'])
     if edit is not None:
         edit(cfg)
+    if reuse and (run_dir / "config.toml").exists() and (run_dir / "config.toml").read_text() == to_toml(cfg):
+        steps, losses = val_curve(run_dir, x="step")
+        if steps and steps[-1] == cfg.train.steps:
+            return {"val_loss": losses[-1], "reused": True}, 0.0
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     start = time.perf_counter()
     summary = pretrain(cfg)
     return summary, time.perf_counter() - start
