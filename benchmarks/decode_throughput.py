@@ -2,7 +2,8 @@
 
 Same weights (transformers loads the checkpoint openk2 writes), same prompts, greedy, fp32, no stop
 tokens, `--new` tokens per sequence; batch 1 and batch 16. Timed per call: prefill + all decode steps,
-tokens/s = batch × new tokens / seconds; on a GPU the engine also runs as CUDA graphs. Engines and
+tokens/s = batch × new tokens / seconds; on a CPU the eager engine also runs without its oneDNN-packed
+matrices ("openk2 unpacked"), on a GPU as CUDA graphs. Engines and
 transformers alternate round by round so that machine noise hits them alike; the median round counts.
 The compile or capture time (the first generate) is printed apart.
 Usage: python benchmarks/decode_throughput.py [--preset tiny | --config c.json] [--device cuda]
@@ -52,6 +53,8 @@ def main() -> None:
     max_seq = args.prompt + args.new
     params = SamplingParams(max_new_tokens=args.new, stop_token_ids=())
     contenders = {"openk2": Engine(model, max_batch=max(batches), max_seq_len=max_seq)}
+    if device.type == "cpu":  # what prepacking the largest matrices for oneDNN gains
+        contenders["openk2 unpacked"] = Engine(model, max_batch=max(batches), max_seq_len=max_seq, pack=False)
     if not args.no_compile:
         contenders["openk2 compiled"] = Engine(model, max_batch=max(batches), max_seq_len=max_seq, compile=True)
     if device.type == "cuda":  # eager kernels replayed as CUDA graphs: one launch per step

@@ -262,6 +262,26 @@ def check_same_decodes(reference: Engine, other: Engine, new_weights, slot_sets,
             torch.testing.assert_close(other.decode(slots, toks), reference.decode(slots, toks), rtol=0, atol=atol)
 
 
+def test_oneDNN_packed_decode_equals_the_plain_one(tmp_path, monkeypatch):
+    """pack=True (CPU, fp32): every decode matrix prepacked for oneDNN, LM head included, gives the plain step's
+    logits, and load_weights repacks the new weights."""
+    from openk2.serve import engine as engine_module
+    from openk2.serve.packed_linear import packing_available
+
+    model = tiny_model()
+    if not packing_available(model.lm_head.weight):
+        pytest.skip("this torch build has no oneDNN linear prepacking")
+    monkeypatch.setattr(engine_module, "PACK_MIN_BYTES", 0)  # pack even the tiny test model's small matrices
+    plain, packed = Engine(tiny_model(), max_batch=4, max_seq_len=32, pack=False), Engine(model, max_batch=4,
+                                                                                          max_seq_len=32, pack=True)
+    assert packed.weights.packed_lm_head is not None and plain.weights.packed_lm_head is None
+    attn, dense = packed.weights.layers[0]
+    assert set(attn.packed) == {"w_a", "w_q", "w_o"} and set(dense.packed) == {"w_gu", "w_d"}
+    torch.manual_seed(6)
+    K2ForCausalLM(plain.config.replace(initializer_range=0.1)).save_pretrained(tmp_path)
+    check_same_decodes(plain, packed, tmp_path, ([1], [0, 2, 3]), steps=6, atol=1e-4)
+
+
 def test_gathered_experts_equal_the_grouped_ones():
     """The sync-free expert path (each row gathers its expert's matrices) computes what the grouped one does."""
     from openk2.serve.engine import expert_swiglu, gathered_swiglu
