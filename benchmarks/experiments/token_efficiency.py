@@ -6,8 +6,9 @@ AdamW's tokens are reported for the best Muon lr:
 
 - *own schedule* (the goal's number, as Moonlight compares optimizers: every point a run trained to
   completion): Muon is rerun with its whole WSD schedule (warmup, stable, decay) squeezed into a
-  fraction of the steps (`--budgets`); the tokens it needs are where its final validation loss
-  crosses L*, linear between budgets.
+  fraction of the steps (`--budgets`), at its best full-length lr or at each of `--budget-lrs`; the
+  tokens it needs are where its best final validation loss per budget crosses L*, linear between
+  budgets (AdamW's L* is likewise its best over its lr sweep).
 - *mid-run*: the full-length Muon run's validation curve first reaching L* (linear between
   validation points), before its decay phase. A stricter number: it grants Muon no decay.
 
@@ -16,7 +17,7 @@ serves both; its AdamW group (embeddings, head, norms) takes the same lr.
 Writes runs/experiments/token_efficiency/{muon,adamw}-lr*/, benchmarks/experiments/token_efficiency.png
 and a row under "## Paper experiments: (b) Muon vs AdamW token efficiency" in benchmarks/RESULTS.md.
 Usage: python benchmarks/experiments/token_efficiency.py [--steps 300] [--lrs 1e-3,3e-3,1e-2]
-[--budgets 0.4,0.5,0.6,0.7,0.8] [--threads N] [--set key=value ...] [--reuse] [--plot-only] [--no-results]
+[--budgets 0.4,0.5,0.6,0.7,0.8] [--budget-lrs 3e-3,1e-2] [--threads N] [--set key=value ...] [--reuse] [--plot-only] [--no-results]
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ def tokens_to_reach(tokens: list[int], losses: list[float], target: float) -> fl
 
 
 def budget_lr(curves: dict[tuple[str, float], tuple[list[int], list[float]]]) -> float:
-    """The Muon lr with the lowest final validation loss at the full length: the one the budgets rerun."""
+    """The Muon lr with the lowest final validation loss at the full length: the one the budgets rerun by default."""
     return min((lr for opt, lr in curves if opt == "muon"), key=lambda lr: curves["muon", lr][1][-1])
 
 
 def analyse(curves: dict[tuple[str, float], tuple[list[int], list[float]]],
-            budgets: dict[int, tuple[list[int], list[float]]] | None = None) -> dict:
+            budgets: dict[tuple[float, int], tuple[list[int], list[float]]] | None = None) -> dict:
     """L* (AdamW's best final val loss); the tokens Muon needs to reach it, mid-run and on its own schedule
-    (`budgets`: steps -> curve of the best-lr Muon run of that length), each as a ratio to AdamW's tokens."""
+    (`budgets`: (lr, steps) -> curve of a shorter Muon run), each as a ratio to AdamW's tokens."""
     adamw = {lr: c for (opt, lr), c in curves.items() if opt == "adamw"}
     muon = {lr: c for (opt, lr), c in curves.items() if opt == "muon"}
     best_adamw_lr = min(adamw, key=lambda lr: adamw[lr][1][-1])
@@ -96,15 +97,18 @@ def analyse(curves: dict[tuple[str, float], tuple[list[int], list[float]]],
     best_muon_lr = (min(reached, key=reached.get) if reached else min(muon, key=lambda lr: muon[lr][1][-1]))
     muon_tokens = reached.get(best_muon_lr)
     ratio = muon_tokens / adamw_tokens if muon_tokens is not None else None
-    # Own schedule: final loss against total tokens over the budgets (the full run is the largest one).
+    # Own schedule: the best final loss over lrs at each length (the full runs are the longest), against its tokens.
     # When even the shortest budget reaches L*, its tokens are an upper bound, not a crossing.
-    full = curves["muon", budget_lr(curves)]
-    finals = sorted([(c[0][-1], c[1][-1]) for c in (budgets or {}).values()] + [(full[0][-1], full[1][-1])])
-    scheduled = tokens_to_reach([t for t, _ in finals], [loss for _, loss in finals], target)
+    best: dict[int, tuple[float, float]] = {}  # tokens -> (final loss, lr)
+    for lr, c in [(lr, c) for (lr, _), c in (budgets or {}).items()] + list(muon.items()):
+        if c[0][-1] not in best or c[1][-1] < best[c[0][-1]][0]:
+            best[c[0][-1]] = (c[1][-1], lr)
+    finals = sorted((t, loss, lr) for t, (loss, lr) in best.items())
+    scheduled = tokens_to_reach([t for t, *_ in finals], [loss for _, loss, _ in finals], target)
     scheduled_ratio = scheduled / adamw_tokens if scheduled is not None else None
     return {"target": target, "best_adamw_lr": best_adamw_lr, "adamw_tokens": adamw_tokens,
             "best_muon_lr": best_muon_lr, "muon_tokens": muon_tokens, "ratio": ratio,
-            "budget_lr": budget_lr(curves), "budget_finals": finals, "scheduled_tokens": scheduled,
+            "budget_finals": finals, "scheduled_tokens": scheduled,
             "scheduled_ratio": scheduled_ratio, "shortest_reaches": finals[0][1] <= target,
             "ok": scheduled_ratio is not None and scheduled_ratio <= GOAL_RATIO,
             "final": {f"{opt} {lr:g}": c[1][-1] for (opt, lr), c in sorted(curves.items())}}
@@ -137,8 +141,13 @@ def plot(curves: dict, budgets: dict, a: dict, path: Path) -> None:
     ax.legend(fontsize=8)
 
     # Right: final loss of each fully scheduled run against its tokens, as Moonlight compares optimizers.
-    tokens, finals = zip(*a["budget_finals"])
-    bx.plot(tokens, finals, "o-", color="C0", label=f"MuonClip lr {a['budget_lr']:g}, each run its own WSD schedule")
+    budget_lrs = sorted({lr for lr, _ in budgets})
+    for lr in budget_lrs:
+        points = sorted([(c[0][-1], c[1][-1]) for (l, _), c in budgets.items() if l == lr]
+                        + [(curves["muon", lr][0][-1], curves["muon", lr][1][-1])])
+        bx.plot(*zip(*points), "x:", ms=5, lw=0.8, label=f"MuonClip lr {lr:g}")
+    tokens, finals, _ = zip(*a["budget_finals"])
+    bx.plot(tokens, finals, "o-", color="C0", label="MuonClip, best lr per budget, each run its own WSD schedule")
     bx.plot([a["adamw_tokens"]], [a["target"]], "s", color="C3", ms=8, label=f"AdamW lr {a['best_adamw_lr']:g} (L*)")
     bx.axhline(a["target"], color="k", ls=":", lw=0.8)
     if a["scheduled_tokens"] is not None:
@@ -162,9 +171,9 @@ def fraction(ratio: float | None, upper_bound: bool = False) -> str:
 
 def results_row(command: str, steps: int, a: dict, minutes: float | None) -> str:
     finals = ", ".join(f"{k} {v:.3f}" for k, v in a["final"].items())
-    budgets = ", ".join(f"{t // 1000}k: {loss:.3f}" for t, loss in a["budget_finals"])
+    budgets = ", ".join(f"{t // 1000}k: {loss:.3f} (lr {lr:g})" for t, loss, lr in a["budget_finals"])
     return (f"| {time.strftime('%Y-%m-%d')} | `{command}` | {steps} ({a['adamw_tokens']:,} tokens) | {finals} | "
-            f"{a['target']:.4f} (AdamW lr {a['best_adamw_lr']:g}) | lr {a['budget_lr']:g}: {budgets} | "
+            f"{a['target']:.4f} (AdamW lr {a['best_adamw_lr']:g}) | {budgets} | "
             f"{fraction(a['scheduled_ratio'], a['shortest_reaches'])} {'pass' if a['ok'] else 'FAIL'} | "
             f"{fraction(a['ratio'])} (lr {a['best_muon_lr']:g}) | "
             f"{f'{minutes:.1f}' if minutes is not None else '-'} |")
@@ -173,14 +182,14 @@ def results_row(command: str, steps: int, a: dict, minutes: float | None) -> str
 def append_result(row: str) -> None:
     """Add `row` to this experiment's section of RESULTS.md (creating it at the end); other sections untouched."""
     header = ("| date | command | steps (tokens) | final val loss per run | L* = AdamW best final val loss | "
-              "Muon final val loss per budget (tokens: loss) | fraction of AdamW's tokens, own schedule "
+              "Muon's best final val loss per budget (tokens: loss (lr)) | fraction of AdamW's tokens, own schedule "
               "(goal ≤ 0.6) | fraction, mid-run | minutes |\n"
               "|---|---|---|---|---|---|---|---|---|")
     intro = ("MuonClip (τ = 100, never reached here; Moonlight RMS matching, AdamW group at the same lr) against "
              "AdamW (betas 0.9/0.95, weight decay 0.1 for both), tiny preset, seq_len 256, batch 8, same data, "
-             "seed and WSD schedule; validation every 25 steps on 8 batches. *Own schedule*: the best Muon lr "
-             "rerun with its whole WSD schedule in fewer steps; the fraction is where its final loss crosses "
-             "L*, linear between budgets. *Mid-run*: where the full-length Muon run's validation curve first "
+             "seed and WSD schedule; validation every 25 steps on 8 batches. *Own schedule*: Muon rerun with "
+             "its whole WSD schedule in fewer steps (at its best full-length lr, or at each of `--budget-lrs`); "
+             "the fraction is where its best final loss per budget crosses L*, linear between budgets. *Mid-run*: where the full-length Muon run's validation curve first "
              "reaches L*, before its decay. Plot: `benchmarks/experiments/token_efficiency.png`. Machine: "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; wall-clock minutes.")
     add_results_row(RESULTS, SECTION, intro, header, row)
@@ -191,7 +200,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated lr grid, used for both optimizers")
     ap.add_argument("--budgets", default="0.4,0.5,0.6,0.7,0.8",
-                    help="fractions of --steps at which the best Muon lr is rerun with its whole schedule")
+                    help="fractions of --steps at which Muon is rerun with its whole schedule")
+    ap.add_argument("--budget-lrs", default=None,
+                    help="comma-separated Muon lrs for the shorter budgets (default: the best full-length one)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every run")
@@ -220,12 +231,15 @@ def main() -> None:
             for opt in ("adamw", "muon"):
                 run_one(opt, lr, args.steps, args.overrides, reuse=args.reuse)
     curves = {(opt, lr): val_curve(RUNS / run_name(opt, lr)) for lr in lrs for opt in ("adamw", "muon")}
-    lr = budget_lr(curves)
+    budget_lrs = [float(x) for x in args.budget_lrs.split(",")] if args.budget_lrs else [budget_lr(curves)]
+    if not set(budget_lrs) <= set(lrs):
+        raise ValueError(f"--budget-lrs {budget_lrs} must come from --lrs {lrs} (their full-length runs end the curve)")
     if not args.plot_only:
-        for steps in budget_steps:
-            run_one("muon", lr, steps, args.overrides, budget=True, reuse=args.reuse)
+        for lr in budget_lrs:
+            for steps in budget_steps:
+                run_one("muon", lr, steps, args.overrides, budget=True, reuse=args.reuse)
         minutes = (time.perf_counter() - start) / 60
-    budgets = {steps: val_curve(RUNS / run_name("muon", lr, steps)) for steps in budget_steps}
+    budgets = {(lr, steps): val_curve(RUNS / run_name("muon", lr, steps)) for lr in budget_lrs for steps in budget_steps}
     a = analyse(curves, budgets)
     plot(curves, budgets, a, PLOT)
 
@@ -233,8 +247,8 @@ def main() -> None:
     for k, v in a["final"].items():
         print(f"  final val loss {k}: {v:.4f}")
     print(f"  L* = {a['target']:.4f} (AdamW lr {a['best_adamw_lr']:g}, {a['adamw_tokens']} tokens)")
-    for tokens, loss in a["budget_finals"]:
-        print(f"  Muon lr {a['budget_lr']:g}, own schedule, {tokens} tokens: final val loss {loss:.4f}")
+    for tokens, loss, lr in a["budget_finals"]:
+        print(f"  Muon, own schedule, {tokens} tokens: best final val loss {loss:.4f} (lr {lr:g})")
     print(f"  own schedule: fraction {fraction(a['scheduled_ratio'], a['shortest_reaches'])} "
           f"(goal ≤ {GOAL_RATIO}) -> {'PASS' if a['ok'] else 'FAIL'}")
     print(f"  mid-run: Muon lr {a['best_muon_lr']:g}, fraction {fraction(a['ratio'])}")

@@ -174,7 +174,7 @@ def rope_table(config: ModelConfig, max_seq_len: int, device) -> tuple[torch.Ten
     return torch.cat((cos[0, :, 0], sin[0, :, 0]), dim=-1), basis.view(d, d * d)
 
 
-PACK_MIN_BYTES = 1 << 20  # smaller matrices stay in cache between steps, where the plain matmul is as fast
+PACK_MIN_BYTES = 1 << 20  # below this, oneDNN's fixed cost per call (~12 µs here) outweighs its faster streaming
 
 
 def pack_weights(w: DecodeWeights) -> None:
