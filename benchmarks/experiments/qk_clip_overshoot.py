@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import ROOT  # the script's folder is on sys.path
 from qk_clip import BASE
 
@@ -31,8 +30,14 @@ def main() -> None:
     from openk2.optim.schedule import lr_multiplier
     from openk2.train.data import prepare_pretrain_data
     from openk2.train.distributed import Distributed
-    from openk2.train.pretrain import (AnomalyGuard, build_model_config, build_optimizer, load_pretrain_config,
-                                       set_lr, train_step)
+    from openk2.train.pretrain import (
+        AnomalyGuard,
+        build_model_config,
+        build_optimizer,
+        load_pretrain_config,
+        set_lr,
+        train_step,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tau", type=float, default=10.0)

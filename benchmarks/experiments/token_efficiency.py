@@ -2,7 +2,7 @@
 
 Both optimizers train the same model on the default corpus with the same data, seed, steps and
 schedule, each over a learning-rate sweep. L* = AdamW's best final validation loss. Two fractions of
-AdamW's tokens are reported for the best Muon lr:
+AdamW's tokens are reported:
 
 - *own schedule* (the goal's number, as Moonlight compares optimizers: every point a run trained to
   completion): Muon is rerun with its whole WSD schedule (warmup, stable, decay) squeezed into a
@@ -17,7 +17,8 @@ serves both; its AdamW group (embeddings, head, norms) takes the same lr.
 Writes runs/experiments/token_efficiency/{muon,adamw}-lr*/, benchmarks/experiments/token_efficiency.png
 and a row under "## Paper experiments: (b) Muon vs AdamW token efficiency" in benchmarks/RESULTS.md.
 Usage: python benchmarks/experiments/token_efficiency.py [--steps 300] [--lrs 1e-3,3e-3,1e-2]
-[--budgets 0.4,0.5,0.6,0.7,0.8] [--budget-lrs 3e-3,1e-2] [--threads N] [--set key=value ...] [--reuse] [--plot-only] [--no-results]
+[--budgets 0.4,0.5,0.6,0.7,0.8] [--budget-lrs 3e-3,1e-2] [--threads N] [--set key=value ...] [--reuse]
+[--plot-only] [--no-results]
 """
 
 from __future__ import annotations
@@ -189,8 +190,9 @@ def append_result(row: str) -> None:
              "AdamW (betas 0.9/0.95, weight decay 0.1 for both), tiny preset, seq_len 256, batch 8, same data, "
              "seed and WSD schedule; validation every 25 steps on 8 batches. *Own schedule*: Muon rerun with "
              "its whole WSD schedule in fewer steps (at its best full-length lr, or at each of `--budget-lrs`); "
-             "the fraction is where its best final loss per budget crosses L*, linear between budgets. *Mid-run*: where the full-length Muon run's validation curve first "
-             "reaches L*, before its decay. Plot: `benchmarks/experiments/token_efficiency.png`. Machine: "
+             "the fraction is where its best final loss per budget crosses L*, linear between budgets. "
+             "*Mid-run*: where the full-length Muon run's validation curve first reaches L*, before its decay. "
+             "Plot: `benchmarks/experiments/token_efficiency.png`. Machine: "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; wall-clock minutes.")
     add_results_row(RESULTS, SECTION, intro, header, row)
 
@@ -239,7 +241,8 @@ def main() -> None:
             for steps in budget_steps:
                 run_one("muon", lr, steps, args.overrides, budget=True, reuse=args.reuse)
         minutes = (time.perf_counter() - start) / 60
-    budgets = {(lr, steps): val_curve(RUNS / run_name("muon", lr, steps)) for lr in budget_lrs for steps in budget_steps}
+    budgets = {(lr, steps): val_curve(RUNS / run_name("muon", lr, steps))
+               for lr in budget_lrs for steps in budget_steps}
     a = analyse(curves, budgets)
     plot(curves, budgets, a, PLOT)
 
