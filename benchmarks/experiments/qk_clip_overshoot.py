@@ -48,9 +48,10 @@ def main() -> None:
     cfg = load_pretrain_config(None, [*BASE, f"train.steps={args.steps}", f"optim.qk_clip_tau={args.tau}",
                                       *args.overrides, f'data.cache_dir="{ROOT / "data"}"', f'run_dir="{run_dir}"'])
     dist = Distributed.from_env()
+    device = dist.device(cfg.train.device)
     data = prepare_pretrain_data(cfg.data, seed=cfg.train.seed, dist=dist)
     torch.manual_seed(cfg.train.seed)
-    model = K2ForCausalLM(build_model_config(cfg, data.vocab_size)).train()
+    model = K2ForCausalLM(build_model_config(cfg, data.vocab_size)).to(device).train()
     optimizer = build_optimizer(cfg, model)
     targets, tau = optimizer.qk_clip.targets, args.tau
     guard = AnomalyGuard(cfg.train.spike_factor)
@@ -59,8 +60,8 @@ def main() -> None:
         """(all heads,) S_max of one forward that trains nothing (recording runs only with grad enabled)."""
         for t in targets:
             t.module.reset_max_logits()
-        model(batch)
-        out = torch.cat([t.max_logits() for t in targets])
+        model(batch.to(device))
+        out = torch.cat([t.max_logits() for t in targets]).cpu()  # beside the clip's own S_max, on the host
         for t in targets:
             t.module.reset_max_logits()
         return out
@@ -68,10 +69,10 @@ def main() -> None:
     growth, spread, first_clip = [], [], None
     batches = data.train_batches(cfg.train.batch_size, cfg.data.seq_len)
     batch = next(batches)
+    s = cfg.schedule
     for step in range(args.steps):
-        s = cfg.schedule
         set_lr(optimizer, lr_multiplier(step, args.steps, s.kind, s.warmup_steps, s.decay_fraction, s.min_lr_ratio))
-        train_step(model, optimizer, batch, cfg, torch.device("cpu"), dist, guard)
+        train_step(model, optimizer, batch, cfg, device, dist, guard)
         model.update_expert_bias(gamma=cfg.optim.expert_bias_update)
         before = torch.cat(optimizer.clip_stats.max_logits)  # this step's S_max, the one the clip used
         clipped = before > tau
