@@ -3,6 +3,8 @@
 forward + backward + AdamW step, fp32, the same weights (loaded from one hub-layout checkpoint) and
 the same batches; the two models alternate step by step so that machine noise hits both alike.
 Prints the ratio. Usage: python benchmarks/train_throughput.py [--preset tiny] [--steps 20] [--device cuda]
+[--compile openk2|both] (torch.compile openk2's model, as `train.compile = true` does, or both models; the warmup
+steps take the compile)
 """
 
 import argparse
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's malloc defaults")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (still fp32, as the issue asks)")
+    ap.add_argument("--compile", choices=["none", "openk2", "both"], default="none",
+                    help="torch.compile openk2's model (as train.compile does) or both models")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile N more steps of each model and print its top ops (torch.profiler)")
     args = ap.parse_args()
@@ -49,8 +53,11 @@ def main() -> None:
         theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).train()
     ours.to(device)
     models = {"openk2": ours, "transformers": theirs}
+    for name in {"none": [], "openk2": ["openk2"], "both": list(models)}[args.compile]:
+        models[name].compile()
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     times = {k: [] for k in models}
+    warmup_seconds = {k: 0.0 for k in models}
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq)).to(device)
         for name, model in models.items():
@@ -58,11 +65,15 @@ def main() -> None:
             train_step(model, optims[name], ids)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+            else:
+                warmup_seconds[name] += time.perf_counter() - start
     tokens = args.batch * args.seq
     tps = {k: tokens * len(v) / sum(v) for k, v in times.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"preset={args.preset} batch={args.batch}x{args.seq} steps={args.steps} {where} "
-          f"allocator_tuned={not args.no_tune_allocator}")
+          f"allocator_tuned={not args.no_tune_allocator} compile={args.compile}")
+    if args.compile != "none":
+        print("warmup steps (compile included): " + ", ".join(f"{k} {v:.1f} s" for k, v in warmup_seconds.items()))
     for k, v in tps.items():
         print(f"{k:>13}: {v:9.0f} tokens/s  ({1000 * tokens / v:5.0f} ms/step)")
     print(f"ratio openk2/transformers: {tps['openk2'] / tps['transformers']:.2f}x")

@@ -108,3 +108,21 @@ def test_bad_input_is_one_clear_error_and_only_an_error_log(tmp_path, corpus, ov
     assert len(lines) == 1 and message in lines[0], err
     if run_dir.exists():
         assert [p.name for p in run_dir.iterdir()] == ["error.log"]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, corpus):
+    """`train.compile = true` trains the same model: per-step losses and max logits (S_max) as eager, to fp32
+    rounding (inductor fuses and reorders the arithmetic, so not bit-exactly)."""
+    runs = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compile-{compiled}"
+        run_to_end("pretrain", *sets(micro_overrides(corpus, tmp_path / "cache", run_dir, **{
+            "train.steps": "6", "train.eval_every": "6", "train.checkpoint_every": "6",
+            "train.compile": str(compiled).lower()})))
+        runs[compiled] = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    eager, compiled = runs[False], runs[True]
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == list(range(1, 7))
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["max_logit"] == pytest.approx(a["max_logit"], rel=1e-3)

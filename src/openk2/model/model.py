@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.model.config import ModelConfig
+from openk2.model.experts import experts_swiglu
 from openk2.model.loss import linear_cross_entropy
 
 
@@ -224,15 +225,18 @@ class Router(nn.Module):
         weights = weights * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+                # index_add_, not bincount: a static shape, so no graph break when compiled
+                flat = topk_idx.flatten()
+                self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
         return weights.to(x.dtype), topk_idx, scores
 
 
 class Experts(nn.Module):
     """The routed SwiGLU experts, stacked: gate/up (E, I, H), down (E, H, I).
 
-    Tokens are sorted by expert and each expert runs one matmul on its contiguous slice: no loop over
-    tokens, no expert applied to tokens it was not routed (DeepSeek-V3's dropless MoE).
+    Tokens are sorted by expert and each expert multiplies only its own contiguous rows: no loop over tokens,
+    no expert applied to tokens it was not routed (DeepSeek-V3's dropless MoE). The arithmetic is one op,
+    `experts_swiglu` (model/experts.py), so that torch.compile can take the layer around it.
     """
 
     def __init__(self, config: ModelConfig):
@@ -247,18 +251,16 @@ class Experts(nn.Module):
         N, k = topk_idx.shape
         flat = topk_idx.flatten()  # (N*k,) one slot per (token, choice)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x[order // k]  # (N*k, H) grouped by expert
-        # unbind, not indexing: the backward of E index ops would write E full-size zero gradients
-        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, chunk in enumerate(xs.split(counts)):
-            if counts[e]:
-                h = F.silu(chunk @ gate[e].T) * (chunk @ up[e].T)
-                outs.append(h @ down[e].T)
-        ys = torch.cat(outs)
+        # a count per expert with a static shape (bincount's depends on the data): no graph break when compiled
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):  # a custom op is not autocast: cast as autocast would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate, up, down = x.to(dtype), gate.to(dtype), up.to(dtype), down.to(dtype)
+        ys, _, _ = experts_swiglu(x[order // k], gate, up, down, counts.cumsum(0, dtype=torch.int32))
         y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, -1)  # back to (token, choice) order
-        return torch.bmm(weights.unsqueeze(1), y).squeeze(1)  # weighted sum over the k choices
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # weighted sum over the k choices
 
 
 class MoE(nn.Module):
@@ -393,6 +395,7 @@ class K2ForCausalLM(nn.Module):
             loss = loss + aux
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux)
 
+    @torch.compiler.disable  # it reads two ints on the host: a clean graph break, not a skipped forward
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")

@@ -350,6 +350,8 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str,
         model = K2ForCausalLM(model_config).to(device)
     model.train()
     model = dist.parallelize(model)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names, checkpoints and the optimizer see the same module
     optimizer = build_optimizer(cfg, model)
     batches = data.train_batches(cfg.train.batch_size, cfg.data.seq_len)
     val = data.val_batches(cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
