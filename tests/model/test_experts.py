@@ -105,3 +105,28 @@ def test_cuda_paths_match_plain_autograd(dtype):
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, **tol)
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """Under bf16 autocast (the GPU training path, here on the CPU) the experts compute in bf16 like every other
+    matmul, and their fp32 parameters get fp32 gradients close to the fp32 ones."""
+    from openk2 import preset
+    from openk2.model.model import MoE
+
+    config = preset("tiny").replace(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8,
+                                    num_experts_per_tok=2, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    layer = MoE(config).train()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 12, 64)
+    layer(x)[0].square().sum().backward()
+    want = layer.experts.gate_proj.grad.clone()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    got = layer.experts.gate_proj.grad
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * want.abs().max().item())
