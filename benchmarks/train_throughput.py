@@ -89,6 +89,29 @@ def main() -> None:
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"\n{name}: {args.profile} steps, top ops by {key}")
             print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50))
+            print(f"{name}: {kernel_ops(prof) / args.profile:.0f} kernel-launching aten ops per step")
+
+
+# aten ops that launch no kernel: views, metadata, allocation, host reads
+NO_KERNEL = {
+    "as_strided", "view", "resolve_conj", "resolve_neg", "_unsafe_view", "detach", "detach_", "result_type",
+    "_reshape_alias", "empty", "empty_strided", "empty_like", "t", "transpose", "expand", "slice", "select", "split",
+    "split_with_sizes", "unbind", "reshape", "squeeze", "unsqueeze", "permute", "alias", "lift_fresh", "chunk",
+    "narrow", "contiguous", "numpy_T", "_local_scalar_dense", "item", "is_nonzero", "scalar_tensor", "unflatten",
+    "flatten", "broadcast_tensors",
+}
+
+
+def kernel_ops(prof) -> int:
+    """Aten ops in a trace that would launch a kernel on a GPU: the innermost ops not in NO_KERNEL (a proxy for a
+    launch-bound step's cost, countable on a CPU)."""
+    def launches(e) -> bool:
+        return e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL
+
+    def has_launching_child(e) -> bool:
+        return any(launches(c) or has_launching_child(c) for c in e.cpu_children)
+
+    return sum(launches(e) and not has_launching_child(e) for e in prof.events())
 
 
 if __name__ == "__main__":
