@@ -130,3 +130,6 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     got = layer.experts.gate_proj.grad
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * want.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and compiled, as `train.compile` runs it on a GPU
+        y_compiled, _ = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(y_compiled.float(), y.float(), rtol=2e-2, atol=2e-2)
