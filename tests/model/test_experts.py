@@ -66,8 +66,8 @@ def test_only_routed_rows_are_multiplied(monkeypatch, grouped):
         assert len(rows) == 2 * 6 and all(10 in shapes for shapes in rows)  # 3 forward, 3 backward per expert
 
 
-def test_compiled_moe_layer_equals_eager():
-    """torch.compile takes a whole MoE block, experts included, in one graph (fullgraph), forward and backward."""
+def moe_block():
+    """A small MoE block (router, 8 experts, shared expert) in training mode, and an input for it."""
     from openk2 import preset
     from openk2.model.model import MoE
 
@@ -77,7 +77,12 @@ def test_compiled_moe_layer_equals_eager():
     layer = MoE(config).train()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(2, 12, 64)
+    return layer, torch.randn(2, 12, 64)
+
+
+def test_compiled_moe_layer_equals_eager():
+    """torch.compile takes a whole MoE block, experts included, in one graph (fullgraph), forward and backward."""
+    layer, x = moe_block()
     y_eager, _ = layer(x.clone().requires_grad_())
     y_eager.square().sum().backward()
     want = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
@@ -110,16 +115,7 @@ def test_cuda_paths_match_plain_autograd(dtype):
 def test_autocast_runs_the_experts_in_the_autocast_dtype():
     """Under bf16 autocast (the GPU training path, here on the CPU) the experts compute in bf16 like every other
     matmul, and their fp32 parameters get fp32 gradients close to the fp32 ones."""
-    from openk2 import preset
-    from openk2.model.model import MoE
-
-    config = preset("tiny").replace(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8,
-                                    num_experts_per_tok=2, n_group=1, topk_group=1)
-    torch.manual_seed(0)
-    layer = MoE(config).train()
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(2, 12, 64)
+    layer, x = moe_block()
     layer(x)[0].square().sum().backward()
     want = layer.experts.gate_proj.grad.clone()
     layer.zero_grad()
