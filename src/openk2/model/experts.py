@@ -78,10 +78,11 @@ def experts_swiglu_backward(dy: Tensor, xs: Tensor, gate: Tensor, up: Tensor, do
     """Gradients (xs, gate, up, down) of `experts_swiglu`'s y, given dy (S, H). Experts without rows get zeros."""
     sig = torch.sigmoid(g)
     act = g * sig  # silu(g)
+    d_act = sig * (1 + g * (1 - sig))  # silu'(g)
     h = act * u
     if grouped_mm_runs(xs, gate):
         dh = F.grouped_mm(dy, down, offs=ends)  # (S, I)
-        dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * act
+        dg, du = dh * u * d_act, dh * act
         d_down = F.grouped_mm(dy.T, h, offs=ends)  # (E, H, I): groups run along the rows
         d_gate = F.grouped_mm(dg.T, xs, offs=ends)
         d_up = F.grouped_mm(du.T, xs, offs=ends)
@@ -90,7 +91,7 @@ def experts_swiglu_backward(dy: Tensor, xs: Tensor, gate: Tensor, up: Tensor, do
     for e, a, b in _segments(ends):
         torch.mm(dy[a:b].T, h[a:b], out=d_down[e])
         dh = dy[a:b] @ down[e]
-        dg, du = dh * u[a:b] * sig[a:b] * (1 + g[a:b] * (1 - sig[a:b])), dh * act[a:b]
+        dg, du = dh * u[a:b] * d_act[a:b], dh * act[a:b]
         torch.mm(dg.T, xs[a:b], out=d_gate[e])
         torch.mm(du.T, xs[a:b], out=d_up[e])
         torch.addmm(dg @ gate[e], du, up[e], out=dxs[a:b])

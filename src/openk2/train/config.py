@@ -66,7 +66,7 @@ class TrainSection:
     spike_factor: float = 3.0
     device: str = "auto"  # auto: cuda when present (bf16 autocast), else cpu (fp32)
     # torch.compile the model (inductor): fewer, fused kernels, which pays on a GPU, where a small model's step is
-    # launch-bound; on a CPU the matmuls dominate and the first steps pay minutes of compiling
+    # launch-bound; on a CPU the matmuls dominate and the first step pays about a minute of compiling
     compile: bool = False
 
     def __post_init__(self) -> None:
