@@ -85,3 +85,30 @@ def test_two_rank_sigkill_then_resume(tmp_path, corpus):
     assert sorted(resumed) == sorted(reference)
     for step, loss in reference.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A 1-process gloo group initialised by the caller, as a user's own script would."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_close_destroys_only_the_group_it_created(one_rank_group, monkeypatch):
+    """A group the caller set up outlives training; the one `from_env` set up is destroyed by `close`."""
+    from openk2.train.distributed import Distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # looks like torchrun, but the group already exists
+    theirs = Distributed.from_env()
+    assert (theirs.world_size, theirs.owns_group) == (2, False)
+    theirs.close()
+    assert torch.distributed.is_initialized()
+
+    ours = Distributed(rank=0, world_size=1, owns_group=True)
+    ours.close()
+    assert not torch.distributed.is_initialized()
+    ours.close()  # a second close is a no-op

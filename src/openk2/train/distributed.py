@@ -24,6 +24,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we destroy it (close)
 
     @classmethod
     def from_env(cls) -> Distributed:
@@ -32,10 +33,22 @@ class Distributed:
         if world == 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not torch_dist.is_initialized():
+        owns_group = not torch_dist.is_initialized()
+        if owns_group:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch_dist.init_process_group(backend)
-        return cls(rank=rank, world_size=world, local_rank=local_rank)
+        return cls(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns_group)
+
+    def close(self) -> None:
+        """Destroy the process group this object initialised (a caller's own group is left alone).
+
+        Left to interpreter shutdown, gloo's worker threads can still hold work objects with tensors whose
+        release takes the GIL while the interpreter is torn down: SIGABRT after training has finished
+        (pytorch/pytorch PR 179291 describes it). torchtitan also destroys its group explicitly.
+        """
+        if self.owns_group and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def is_main(self) -> bool:

@@ -329,6 +329,13 @@ def new_run_dir(cfg: Any, verb: str) -> None:
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Train a model from the config; with `resume`, continue the run folder's latest checkpoint."""
     dist = Distributed.from_env()
+    try:
+        return _pretrain(cfg, resume, dist)
+    finally:
+        dist.close()
+
+
+def _pretrain(cfg: PretrainConfig, resume: str | Path | None, dist: Distributed) -> dict[str, Any]:
     device = dist.device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()

@@ -342,6 +342,13 @@ def prepare_sft_data(cfg: SFTConfig, paths: list[Path], tokenizer: Tokenizer, te
 def sft(cfg: SFTConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune the configured model on chat JSONL; with `resume`, continue the run folder's latest checkpoint."""
     dist = Distributed.from_env()
+    try:
+        return _sft(cfg, resume, dist)
+    finally:
+        dist.close()
+
+
+def _sft(cfg: SFTConfig, resume: str | Path | None, dist: Distributed) -> dict[str, Any]:
     device = dist.device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
