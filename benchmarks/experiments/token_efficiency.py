@@ -13,11 +13,13 @@ AdamW's tokens are reported:
   validation points), before its decay phase. A stricter number: it grants Muon no decay.
 
 Goal of issue 4 (b): ≤ 0.6. MuonClip uses Moonlight's RMS matching (update RMS 0.2), so one lr grid
-serves both; its AdamW group (embeddings, head, norms) takes the same lr.
-Writes runs/experiments/token_efficiency/{muon,adamw}-lr*/, benchmarks/experiments/token_efficiency.png
+serves both. By default each run's one lr also drives its embeddings, head and norms (MuonClip's AdamW
+group), as in Moonlight. `--adamw-lr X` instead fixes that group's lr at X in every run of both optimizers,
+so the sweep compares only how each trains the hidden matrices; its run folders end in `-alr<X>`.
+Writes runs/experiments/token_efficiency/{muon,adamw}-lr*/, benchmarks/experiments/token_efficiency[_alr<X>].png
 and a row under "## Paper experiments: (b) Muon vs AdamW token efficiency" in benchmarks/RESULTS.md.
 Usage: python benchmarks/experiments/token_efficiency.py [--steps 300] [--lrs 1e-3,3e-3,1e-2]
-[--budgets 0.4,0.5,0.6,0.7,0.8] [--budget-lrs 3e-3,1e-2] [--threads N] [--set key=value ...] [--reuse]
+[--budgets 0.4,0.5,0.6,0.7,0.8] [--budget-lrs 3e-3,1e-2] [--adamw-lr X] [--threads N] [--set key=value ...] [--reuse]
 [--plot-only] [--no-results]
 """
 
@@ -53,16 +55,19 @@ BASE = [
 GOAL_RATIO = 0.6
 
 
-def run_name(opt: str, lr: float, steps: int | None = None) -> str:
-    """`<opt>-lr<lr>` for the full-length runs, `<opt>-lr<lr>-steps<n>` for the shorter budgets."""
-    return f"{opt}-lr{lr:g}" + (f"-steps{steps}" if steps is not None else "")
+def run_name(opt: str, lr: float, steps: int | None = None, adamw_lr: float | None = None) -> str:
+    """`<opt>-lr<lr>` for the full-length runs, `<opt>-lr<lr>-steps<n>` for the shorter budgets, `-alr<x>` when
+    the embeddings, head and norms train at a fixed lr x."""
+    return (f"{opt}-lr{lr:g}" + (f"-steps{steps}" if steps is not None else "")
+            + (f"-alr{adamw_lr:g}" if adamw_lr is not None else ""))
 
 
-def run_one(opt: str, lr: float, steps: int, extra: list[str], budget: bool = False, reuse: bool = False) -> Path:
-    """One pretraining run into RUNS/<opt>-lr<lr>[-steps<n>]; opt is "muon" (MuonClip) or "adamw"."""
-    run_dir = RUNS / run_name(opt, lr, steps if budget else None)
-    optim = (["optim.name=\"muonclip\"", f"optim.lr={lr}", f"optim.adamw_lr={lr}"] if opt == "muon"
-             else ["optim.name=\"adamw\"", f"optim.lr={lr}"])
+def run_one(opt: str, lr: float, steps: int, extra: list[str], budget: bool = False, reuse: bool = False,
+            adamw_lr: float | None = None) -> Path:
+    """One pretraining run into RUNS/<run_name>; opt is "muon" (MuonClip) or "adamw"."""
+    run_dir = RUNS / run_name(opt, lr, steps if budget else None, adamw_lr)
+    name = "muonclip" if opt == "muon" else "adamw"
+    optim = [f'optim.name="{name}"', f"optim.lr={lr}", f"optim.adamw_lr={lr if adamw_lr is None else adamw_lr}"]
     summary, seconds = run_pretrain(run_dir, [*BASE, *optim, f"train.steps={steps}", *extra], reuse=reuse)
     print(f"{run_dir.name}: {'reused' if summary.get('reused') else f'{seconds:.0f} s'}, "
           f"val_loss {summary['val_loss']:.4f}")
@@ -205,6 +210,8 @@ def main() -> None:
                     help="fractions of --steps at which Muon is rerun with its whole schedule")
     ap.add_argument("--budget-lrs", default=None,
                     help="comma-separated Muon lrs for the shorter budgets (default: the best full-length one)")
+    ap.add_argument("--adamw-lr", type=float, default=None,
+                    help="fixed lr of the embeddings, head and norms in every run (default: each run's swept lr)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every run")
@@ -231,22 +238,24 @@ def main() -> None:
     if not args.plot_only:
         for lr in lrs:
             for opt in ("adamw", "muon"):
-                run_one(opt, lr, args.steps, args.overrides, reuse=args.reuse)
-    curves = {(opt, lr): val_curve(RUNS / run_name(opt, lr)) for lr in lrs for opt in ("adamw", "muon")}
+                run_one(opt, lr, args.steps, args.overrides, reuse=args.reuse, adamw_lr=args.adamw_lr)
+    curves = {(opt, lr): val_curve(RUNS / run_name(opt, lr, adamw_lr=args.adamw_lr))
+              for lr in lrs for opt in ("adamw", "muon")}
     budget_lrs = [float(x) for x in args.budget_lrs.split(",")] if args.budget_lrs else [budget_lr(curves)]
     if not set(budget_lrs) <= set(lrs):
         raise ValueError(f"--budget-lrs {budget_lrs} must come from --lrs {lrs} (their full-length runs end the curve)")
     if not args.plot_only:
         for lr in budget_lrs:
             for steps in budget_steps:
-                run_one("muon", lr, steps, args.overrides, budget=True, reuse=args.reuse)
+                run_one("muon", lr, steps, args.overrides, budget=True, reuse=args.reuse, adamw_lr=args.adamw_lr)
         minutes = (time.perf_counter() - start) / 60
-    budgets = {(lr, steps): val_curve(RUNS / run_name("muon", lr, steps))
+    budgets = {(lr, steps): val_curve(RUNS / run_name("muon", lr, steps, args.adamw_lr))
                for lr in budget_lrs for steps in budget_steps}
     a = analyse(curves, budgets)
-    plot(curves, budgets, a, PLOT)
+    plot_path = PLOT if args.adamw_lr is None else PLOT.with_name(f"{PLOT.stem}_alr{args.adamw_lr:g}.png")
+    plot(curves, budgets, a, plot_path)
 
-    print(f"\nToken efficiency, {args.steps} steps; plot {PLOT.relative_to(ROOT)}")
+    print(f"\nToken efficiency, {args.steps} steps; plot {plot_path.relative_to(ROOT)}")
     for k, v in a["final"].items():
         print(f"  final val loss {k}: {v:.4f}")
     print(f"  L* = {a['target']:.4f} (AdamW lr {a['best_adamw_lr']:g}, {a['adamw_tokens']} tokens)")

@@ -4,7 +4,10 @@ import time
 
 import pytest
 
+from openk2 import K2ForCausalLM, preset
 from openk2.data.tokenizer import load_tokenizer
+from openk2.optim import split_parameters
+from openk2.train.pretrain import build_optimizer, load_pretrain_config
 from openk2.train.run import read_metrics
 from tests.train.conftest import micro_overrides, openk2_cli, sets
 
@@ -28,6 +31,21 @@ def wait_for_step(run_dir, step: int, proc, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
     raise TimeoutError(f"run did not reach step {step}")
+
+
+@pytest.mark.parametrize("optim", ["muonclip", "adamw"])
+def test_adamw_lr_drives_embeddings_head_and_norms_under_either_optimizer(optim):
+    model = K2ForCausalLM(preset("tiny").replace(vocab_size=128, num_hidden_layers=2, n_routed_experts=4))
+    matrices, rest = ({id(p) for _, p in group} for group in split_parameters(model))
+
+    def lr_of(*overrides: str) -> dict[int, float]:
+        opt = build_optimizer(load_pretrain_config(None, [f'optim.name="{optim}"', "optim.lr=0.01", *overrides]), model)
+        return {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+
+    assert set(lr_of().values()) == {0.01}  # unset: one lr for everything (Moonlight)
+    lrs = lr_of("optim.adamw_lr=0.02")
+    assert set(lrs) == matrices | rest
+    assert {lrs[i] for i in matrices} == {0.01} and {lrs[i] for i in rest} == {0.02}
 
 
 @pytest.mark.slow

@@ -29,7 +29,9 @@ class DataSection:
 class OptimSection:
     name: Literal["muonclip", "adamw"] = "muonclip"
     lr: float = 3e-3  # Muon's lr (MuonClip; RMS-matched to AdamW, Moonlight §2.2) or AdamW's lr (adamw)
-    adamw_lr: float = 3e-3  # the AdamW group inside MuonClip: embeddings, head, norms
+    # Embeddings, head and norms: MuonClip's AdamW group, and the same group under plain AdamW. None = lr, as
+    # Moonlight §2.2 shares one lr; set it to tune that group apart (AdamW's one lr is a compromise between them).
+    adamw_lr: float | None = None
     weight_decay: float = 0.1  # K2 uses 0.1 (paper §2.4)
     momentum: float = 0.95
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -43,16 +43,19 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
 
 
 def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from openk2.optim import MuonClip, split_parameters
+
     o = cfg.optim
     if o.name == "muonclip":
-        from openk2.optim import MuonClip
-
         return MuonClip(model, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                         qk_clip_tau=o.qk_clip_tau, adamw_lr=o.adamw_lr, adamw_betas=tuple(o.betas))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas))
+    # MuonClip's partition, so that `adamw_lr` means the same parameters under either optimizer.
+    matrices, rest = split_parameters(model)
+    rest_lr = o.lr if o.adamw_lr is None else o.adamw_lr
+    groups = [{"params": [p for _, p in matrices], "weight_decay": o.weight_decay, "lr": o.lr},
+              {"params": [p for _, p in rest if p.ndim >= 2], "weight_decay": o.weight_decay, "lr": rest_lr},
+              {"params": [p for _, p in rest if p.ndim < 2], "weight_decay": 0.0, "lr": rest_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
