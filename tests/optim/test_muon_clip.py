@@ -6,6 +6,7 @@ from torch import nn
 
 from openk2 import K2ForCausalLM, preset
 from openk2.optim import MuonClip, split_parameters
+from tests.ranks import run_on_ranks
 
 
 def tiny_config(**changes):
@@ -138,26 +139,20 @@ def test_bf16_model_trains():
 
 
 # ----------------------------------------------------------------------------- data parallel
-def _dp_worker(rank, world, path, result):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = K2ForCausalLM(tiny_config())
-        opt = MuonClip(model, lr=0.0, qk_clip_tau=1e9)  # lr 0, no clip: only the reduction is observed
-        ids = batches(1, seed=10 + rank)[0]  # each rank its own batch
-        model(ids, labels=ids).loss.backward()
-        local = torch.stack([layer.self_attn.max_logits for layer in model.model.layers])
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        torch.distributed.all_gather(gathered, local)
-        opt.step()
-        ok = torch.equal(torch.stack(opt.clip_stats.max_logits), torch.stack(gathered).amax(0))
-        ok = ok and not torch.equal(gathered[0], gathered[1])
-        torch.save(ok, f"{result}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+def _dp_worker(rank, world) -> bool:
+    torch.manual_seed(0)
+    model = K2ForCausalLM(tiny_config())
+    opt = MuonClip(model, lr=0.0, qk_clip_tau=1e9)  # lr 0, no clip: only the reduction is observed
+    ids = batches(1, seed=10 + rank)[0]  # each rank its own batch
+    model(ids, labels=ids).loss.backward()
+    local = torch.stack([layer.self_attn.max_logits for layer in model.model.layers])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    opt.step()
+    ok = torch.equal(torch.stack(opt.clip_stats.max_logits), torch.stack(gathered).amax(0))
+    return ok and not torch.equal(gathered[0], gathered[1])
 
 
 @pytest.mark.slow
 def test_s_max_is_all_reduced_with_max_across_ranks(tmp_path):
-    torch.multiprocessing.spawn(_dp_worker, args=(2, tmp_path / "init", tmp_path / "ok"), nprocs=2)
-    assert all(torch.load(f"{tmp_path / 'ok'}.{r}") for r in range(2))
+    assert run_on_ranks(_dp_worker, tmp_path) == [True, True]

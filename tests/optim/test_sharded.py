@@ -11,6 +11,7 @@ from openk2.model.model import MultiHeadLatentAttention
 from openk2.optim import Muon
 from openk2.optim.qk_clip import GQAClipTarget, MLAClipTarget
 from tests.optim.test_qk_clip import GQAAttention
+from tests.ranks import run_on_ranks
 
 # uneven shards on 2 ranks: 7 rows split 4 | 3, 3 experts split 2 | 1
 SHAPES = {"matrix": ((7, 5), 0), "wide": ((5, 9), 0), "experts": ((3, 6, 4), 0), "experts_by_row": ((2, 7, 4), 1)}
@@ -58,27 +59,13 @@ def _sharded_clip(mesh) -> list[str]:
     return failures
 
 
-def _worker(rank, world, path, result):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank, world) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
-        torch.save(_sharded_muon(mesh) + _sharded_clip(mesh), f"{result}.{rank}")
-    except Exception:  # keep the worker's traceback: spawn only reports that a process died
-        import traceback
-
-        torch.save([traceback.format_exc()], f"{result}.{rank}")
-        raise
-    finally:
-        torch.distributed.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    return _sharded_muon(mesh) + _sharded_clip(mesh)
 
 
 @pytest.mark.slow
 def test_muon_and_qk_clip_on_dtensors_equal_single_process(tmp_path):
-    try:
-        torch.multiprocessing.spawn(_worker, args=(2, tmp_path / "init", tmp_path / "failures"), nprocs=2)
-    finally:
-        files = [tmp_path / f"failures.{r}" for r in range(2)]
-        results = [torch.load(f) if f.exists() else ["no result"] for f in files]
-    assert results == [[], []], results
+    assert run_on_ranks(_worker, tmp_path) == [[], []]
